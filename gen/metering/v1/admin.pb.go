@@ -25,8 +25,8 @@ const (
 // Limit caps one metric in one scope. Exactly one of max and unlimited is set.
 type Limit struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	Metric Metric                 `protobuf:"varint,1,opt,name=metric,proto3,enum=metering.v1.Metric" json:"metric,omitempty"`
-	Scope  LimitScope             `protobuf:"varint,2,opt,name=scope,proto3,enum=metering.v1.LimitScope" json:"scope,omitempty"`
+	Metric Metric                 `protobuf:"varint,1,opt,name=metric,enum=metering.v1.Metric" json:"metric,omitempty"`
+	Scope  LimitScope             `protobuf:"varint,2,opt,name=scope,enum=metering.v1.LimitScope" json:"scope,omitempty"`
 	// Types that are valid to be assigned to Bound:
 	//
 	//	*Limit_Max
@@ -111,12 +111,12 @@ type isLimit_Bound interface {
 
 type Limit_Max struct {
 	// Largest allowed value, zero or more.
-	Max int64 `protobuf:"varint,3,opt,name=max,proto3,oneof"`
+	Max int64 `protobuf:"varint,3,opt,name=max,oneof"`
 }
 
 type Limit_Unlimited struct {
 	// No limit. Must be true when set.
-	Unlimited bool `protobuf:"varint,4,opt,name=unlimited,proto3,oneof"`
+	Unlimited bool `protobuf:"varint,4,opt,name=unlimited,oneof"`
 }
 
 func (*Limit_Max) isLimit_Bound() {}
@@ -127,11 +127,11 @@ func (*Limit_Unlimited) isLimit_Bound() {}
 type Plan struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Lowercase letters, digits, '-' and '_'; at most 64 characters.
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	DisplayName   string                 `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
-	Limits        []*Limit               `protobuf:"bytes,3,rep,name=limits,proto3" json:"limits,omitempty"`
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	DisplayName   string                 `protobuf:"bytes,2,opt,name=display_name,json=displayName" json:"display_name,omitempty"`
+	Limits        []*Limit               `protobuf:"bytes,3,rep,name=limits" json:"limits,omitempty"`
+	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=create_time,json=createTime" json:"create_time,omitempty"`
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=update_time,json=updateTime" json:"update_time,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -204,13 +204,13 @@ func (x *Plan) GetUpdateTime() *timestamppb.Timestamp {
 // Account is a customer of the SaaS with a plan.
 type Account struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	Id     string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	PlanId string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId,proto3" json:"plan_id,omitempty"`
+	Id     string                 `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	PlanId string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId" json:"plan_id,omitempty"`
 	// Periods are calendar months from this instant, in UTC.
-	BillingAnchor   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=billing_anchor,json=billingAnchor,proto3" json:"billing_anchor,omitempty"`
-	EnforcementMode EnforcementMode        `protobuf:"varint,4,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=metering.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
-	CreateTime      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
-	UpdateTime      *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	BillingAnchor   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=billing_anchor,json=billingAnchor" json:"billing_anchor,omitempty"`
+	EnforcementMode EnforcementMode        `protobuf:"varint,4,opt,name=enforcement_mode,json=enforcementMode,enum=metering.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
+	CreateTime      *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=create_time,json=createTime" json:"create_time,omitempty"`
+	UpdateTime      *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime" json:"update_time,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -289,7 +289,7 @@ func (x *Account) GetUpdateTime() *timestamppb.Timestamp {
 
 type UpsertPlanRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Plan          *Plan                  `protobuf:"bytes,1,opt,name=plan,proto3" json:"plan,omitempty"`
+	Plan          *Plan                  `protobuf:"bytes,1,opt,name=plan" json:"plan,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -333,8 +333,8 @@ func (x *UpsertPlanRequest) GetPlan() *Plan {
 
 type UpsertPlanResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Plan          *Plan                  `protobuf:"bytes,1,opt,name=plan,proto3" json:"plan,omitempty"`
-	Created       bool                   `protobuf:"varint,2,opt,name=created,proto3" json:"created,omitempty"`
+	Plan          *Plan                  `protobuf:"bytes,1,opt,name=plan" json:"plan,omitempty"`
+	Created       bool                   `protobuf:"varint,2,opt,name=created" json:"created,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -421,7 +421,7 @@ func (*ListPlansRequest) Descriptor() ([]byte, []int) {
 
 type ListPlansResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Plans         []*Plan                `protobuf:"bytes,1,rep,name=plans,proto3" json:"plans,omitempty"`
+	Plans         []*Plan                `protobuf:"bytes,1,rep,name=plans" json:"plans,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -465,14 +465,14 @@ func (x *ListPlansResponse) GetPlans() []*Plan {
 
 type SetAccountPlanRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	PlanId    string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId,proto3" json:"plan_id,omitempty"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	PlanId    string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId" json:"plan_id,omitempty"`
 	// Optional. A new account without one is anchored at the current time;
 	// an existing account keeps its anchor.
-	BillingAnchor *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=billing_anchor,json=billingAnchor,proto3" json:"billing_anchor,omitempty"`
+	BillingAnchor *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=billing_anchor,json=billingAnchor" json:"billing_anchor,omitempty"`
 	// Optional. A new account without one enforces; an existing account keeps
 	// its mode.
-	EnforcementMode EnforcementMode `protobuf:"varint,4,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=metering.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
+	EnforcementMode EnforcementMode `protobuf:"varint,4,opt,name=enforcement_mode,json=enforcementMode,enum=metering.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -537,8 +537,8 @@ func (x *SetAccountPlanRequest) GetEnforcementMode() EnforcementMode {
 
 type SetAccountPlanResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Account       *Account               `protobuf:"bytes,1,opt,name=account,proto3" json:"account,omitempty"`
-	Created       bool                   `protobuf:"varint,2,opt,name=created,proto3" json:"created,omitempty"`
+	Account       *Account               `protobuf:"bytes,1,opt,name=account" json:"account,omitempty"`
+	Created       bool                   `protobuf:"varint,2,opt,name=created" json:"created,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -589,7 +589,7 @@ func (x *SetAccountPlanResponse) GetCreated() bool {
 
 type GetAccountRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -633,9 +633,9 @@ func (x *GetAccountRequest) GetAccountId() string {
 
 type GetAccountResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Account       *Account               `protobuf:"bytes,1,opt,name=account,proto3" json:"account,omitempty"`
-	PeriodStart   *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=period_start,json=periodStart,proto3" json:"period_start,omitempty"`
-	PeriodEnd     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=period_end,json=periodEnd,proto3" json:"period_end,omitempty"`
+	Account       *Account               `protobuf:"bytes,1,opt,name=account" json:"account,omitempty"`
+	PeriodStart   *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=period_start,json=periodStart" json:"period_start,omitempty"`
+	PeriodEnd     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=period_end,json=periodEnd" json:"period_end,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -693,13 +693,13 @@ func (x *GetAccountResponse) GetPeriodEnd() *timestamppb.Timestamp {
 
 type ListReservationsRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
 	// States to list. Empty lists pending and expired reservations.
-	States []ReservationState `protobuf:"varint,2,rep,packed,name=states,proto3,enum=metering.v1.ReservationState" json:"states,omitempty"`
+	States []ReservationState `protobuf:"varint,2,rep,packed,name=states,enum=metering.v1.ReservationState" json:"states,omitempty"`
 	// At most 1000; zero takes 100.
-	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize" json:"page_size,omitempty"`
 	// From the previous response's next_page_token.
-	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken" json:"page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -764,9 +764,9 @@ func (x *ListReservationsRequest) GetPageToken() string {
 
 type ListReservationsResponse struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
-	Reservations []*Reservation         `protobuf:"bytes,1,rep,name=reservations,proto3" json:"reservations,omitempty"`
+	Reservations []*Reservation         `protobuf:"bytes,1,rep,name=reservations" json:"reservations,omitempty"`
 	// Empty on the last page.
-	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -817,16 +817,16 @@ func (x *ListReservationsResponse) GetNextPageToken() string {
 
 type AdjustUsageRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	Metric    Metric                 `protobuf:"varint,2,opt,name=metric,proto3,enum=metering.v1.Metric" json:"metric,omitempty"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	Metric    Metric                 `protobuf:"varint,2,opt,name=metric,enum=metering.v1.Metric" json:"metric,omitempty"`
 	// Set to correct a per-parent counter.
-	ParentId string `protobuf:"bytes,3,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
+	ParentId string `protobuf:"bytes,3,opt,name=parent_id,json=parentId" json:"parent_id,omitempty"`
 	// Signed change. The counter may not go below zero.
-	Delta int64 `protobuf:"varint,4,opt,name=delta,proto3" json:"delta,omitempty"`
+	Delta int64 `protobuf:"varint,4,opt,name=delta" json:"delta,omitempty"`
 	// Why the correction was made, recorded in the ledger. Required.
-	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,5,opt,name=reason" json:"reason,omitempty"`
 	// Scoped to the account: a retry with the same key applies once.
-	IdempotencyKey string `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	IdempotencyKey string `protobuf:"bytes,6,opt,name=idempotency_key,json=idempotencyKey" json:"idempotency_key,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -905,8 +905,8 @@ func (x *AdjustUsageRequest) GetIdempotencyKey() string {
 
 type AdjustUsageResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Usage         *MetricUsage           `protobuf:"bytes,1,opt,name=usage,proto3" json:"usage,omitempty"`
-	Replayed      bool                   `protobuf:"varint,2,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	Usage         *MetricUsage           `protobuf:"bytes,1,opt,name=usage" json:"usage,omitempty"`
+	Replayed      bool                   `protobuf:"varint,2,opt,name=replayed" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1037,9 +1037,9 @@ const file_metering_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"GetAccount\x12\x1e.metering.v1.GetAccountRequest\x1a\x1f.metering.v1.GetAccountResponse\x12_\n" +
 	"\x10ListReservations\x12$.metering.v1.ListReservationsRequest\x1a%.metering.v1.ListReservationsResponse\x12P\n" +
-	"\vAdjustUsage\x12\x1f.metering.v1.AdjustUsageRequest\x1a .metering.v1.AdjustUsageResponseB\xa3\x01\n" +
+	"\vAdjustUsage\x12\x1f.metering.v1.AdjustUsageRequest\x1a .metering.v1.AdjustUsageResponseB\xaa\x01\n" +
 	"\x0fcom.metering.v1B\n" +
-	"AdminProtoP\x01Z7github.com/metering/metering/gen/metering/v1;meteringv1\xa2\x02\x03MXX\xaa\x02\vMetering.V1\xca\x02\vMetering\\V1\xe2\x02\x17Metering\\V1\\GPBMetadata\xea\x02\fMetering::V1b\x06proto3"
+	"AdminProtoP\x01Z7github.com/metering/metering/gen/metering/v1;meteringv1\xa2\x02\x03MXX\xaa\x02\vMetering.V1\xca\x02\vMetering\\V1\xe2\x02\x17Metering\\V1\\GPBMetadata\xea\x02\fMetering::V1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_metering_v1_admin_proto_rawDescOnce sync.Once

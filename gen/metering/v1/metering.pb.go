@@ -310,13 +310,13 @@ func (ReservationState) EnumDescriptor() ([]byte, []int) {
 // UsageItem is an amount of one metric, optionally under a parent.
 type UsageItem struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	Metric Metric                 `protobuf:"varint,1,opt,name=metric,proto3,enum=metering.v1.Metric" json:"metric,omitempty"`
+	Metric Metric                 `protobuf:"varint,1,opt,name=metric,enum=metering.v1.Metric" json:"metric,omitempty"`
 	// Amount in the metric's unit (items, or bytes for storage). Above zero.
-	Amount int64 `protobuf:"varint,2,opt,name=amount,proto3" json:"amount,omitempty"`
+	Amount int64 `protobuf:"varint,2,opt,name=amount" json:"amount,omitempty"`
 	// Parent the item belongs to, such as the task of a document. An item
 	// without a parent skips the per-parent limit but still counts for the
 	// account.
-	ParentId      string `protobuf:"bytes,3,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
+	ParentId      string `protobuf:"bytes,3,opt,name=parent_id,json=parentId" json:"parent_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -375,17 +375,17 @@ func (x *UsageItem) GetParentId() string {
 // Reservation is capacity held for one create or upload.
 type Reservation struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	Id        string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	AccountId string                 `protobuf:"bytes,2,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	State     ReservationState       `protobuf:"varint,3,opt,name=state,proto3,enum=metering.v1.ReservationState" json:"state,omitempty"`
+	Id        string                 `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	AccountId string                 `protobuf:"bytes,2,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	State     ReservationState       `protobuf:"varint,3,opt,name=state,enum=metering.v1.ReservationState" json:"state,omitempty"`
 	// Reserved amounts.
-	Items []*UsageItem `protobuf:"bytes,4,rep,name=items,proto3" json:"items,omitempty"`
+	Items []*UsageItem `protobuf:"bytes,4,rep,name=items" json:"items,omitempty"`
 	// Committed amounts, set once the state is COMMITTED.
-	CommittedItems []*UsageItem           `protobuf:"bytes,5,rep,name=committed_items,json=committedItems,proto3" json:"committed_items,omitempty"`
-	ResourceId     string                 `protobuf:"bytes,6,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`
-	IdempotencyKey string                 `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
-	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	ExpiresAt      *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	CommittedItems []*UsageItem           `protobuf:"bytes,5,rep,name=committed_items,json=committedItems" json:"committed_items,omitempty"`
+	ResourceId     string                 `protobuf:"bytes,6,opt,name=resource_id,json=resourceId" json:"resource_id,omitempty"`
+	IdempotencyKey string                 `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey" json:"idempotency_key,omitempty"`
+	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=created_at,json=createdAt" json:"created_at,omitempty"`
+	ExpiresAt      *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expires_at,json=expiresAt" json:"expires_at,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -486,21 +486,21 @@ func (x *Reservation) GetExpiresAt() *timestamppb.Timestamp {
 // MetricUsage is the state of one counter: the account's or one parent's.
 type MetricUsage struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
-	Metric Metric                 `protobuf:"varint,1,opt,name=metric,proto3,enum=metering.v1.Metric" json:"metric,omitempty"`
-	Scope  LimitScope             `protobuf:"varint,2,opt,name=scope,proto3,enum=metering.v1.LimitScope" json:"scope,omitempty"`
+	Metric Metric                 `protobuf:"varint,1,opt,name=metric,enum=metering.v1.Metric" json:"metric,omitempty"`
+	Scope  LimitScope             `protobuf:"varint,2,opt,name=scope,enum=metering.v1.LimitScope" json:"scope,omitempty"`
 	// Set when scope is LIMIT_SCOPE_PARENT.
-	ParentId string     `protobuf:"bytes,3,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
-	Kind     MetricKind `protobuf:"varint,4,opt,name=kind,proto3,enum=metering.v1.MetricKind" json:"kind,omitempty"`
+	ParentId string     `protobuf:"bytes,3,opt,name=parent_id,json=parentId" json:"parent_id,omitempty"`
+	Kind     MetricKind `protobuf:"varint,4,opt,name=kind,enum=metering.v1.MetricKind" json:"kind,omitempty"`
 	// Committed usage: this period for a period counter, now for a running
 	// total.
-	Used int64 `protobuf:"varint,5,opt,name=used,proto3" json:"used,omitempty"`
+	Used int64 `protobuf:"varint,5,opt,name=used" json:"used,omitempty"`
 	// Held by pending reservations that have not expired.
-	Reserved int64 `protobuf:"varint,6,opt,name=reserved,proto3" json:"reserved,omitempty"`
+	Reserved int64 `protobuf:"varint,6,opt,name=reserved" json:"reserved,omitempty"`
 	// Unset when unlimited is true.
-	Limit     *int64 `protobuf:"varint,7,opt,name=limit,proto3,oneof" json:"limit,omitempty"`
-	Unlimited bool   `protobuf:"varint,8,opt,name=unlimited,proto3" json:"unlimited,omitempty"`
+	Limit     *int64 `protobuf:"varint,7,opt,name=limit" json:"limit,omitempty"`
+	Unlimited bool   `protobuf:"varint,8,opt,name=unlimited" json:"unlimited,omitempty"`
 	// limit - used - reserved, never below zero. Unset when unlimited is true.
-	Remaining     *int64 `protobuf:"varint,9,opt,name=remaining,proto3,oneof" json:"remaining,omitempty"`
+	Remaining     *int64 `protobuf:"varint,9,opt,name=remaining" json:"remaining,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -601,13 +601,13 @@ func (x *MetricUsage) GetRemaining() int64 {
 // LimitViolation describes a limit that a request exceeds or would exceed.
 type LimitViolation struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Metric        Metric                 `protobuf:"varint,1,opt,name=metric,proto3,enum=metering.v1.Metric" json:"metric,omitempty"`
-	Scope         LimitScope             `protobuf:"varint,2,opt,name=scope,proto3,enum=metering.v1.LimitScope" json:"scope,omitempty"`
-	ParentId      string                 `protobuf:"bytes,3,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
-	Limit         int64                  `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`
-	Used          int64                  `protobuf:"varint,5,opt,name=used,proto3" json:"used,omitempty"`
-	Reserved      int64                  `protobuf:"varint,6,opt,name=reserved,proto3" json:"reserved,omitempty"`
-	Requested     int64                  `protobuf:"varint,7,opt,name=requested,proto3" json:"requested,omitempty"`
+	Metric        Metric                 `protobuf:"varint,1,opt,name=metric,enum=metering.v1.Metric" json:"metric,omitempty"`
+	Scope         LimitScope             `protobuf:"varint,2,opt,name=scope,enum=metering.v1.LimitScope" json:"scope,omitempty"`
+	ParentId      string                 `protobuf:"bytes,3,opt,name=parent_id,json=parentId" json:"parent_id,omitempty"`
+	Limit         int64                  `protobuf:"varint,4,opt,name=limit" json:"limit,omitempty"`
+	Used          int64                  `protobuf:"varint,5,opt,name=used" json:"used,omitempty"`
+	Reserved      int64                  `protobuf:"varint,6,opt,name=reserved" json:"reserved,omitempty"`
+	Requested     int64                  `protobuf:"varint,7,opt,name=requested" json:"requested,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -693,17 +693,17 @@ func (x *LimitViolation) GetRequested() int64 {
 
 type CheckAndReserveRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
 	// One or more items, each metric and parent at most once.
-	Items []*UsageItem `protobuf:"bytes,2,rep,name=items,proto3" json:"items,omitempty"`
+	Items []*UsageItem `protobuf:"bytes,2,rep,name=items" json:"items,omitempty"`
 	// Scoped to the account. Optional but recommended: a retry with the same
 	// key and request returns the first reservation.
-	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey" json:"idempotency_key,omitempty"`
 	// Time to live. Zero or unset takes the default (5 minutes); the maximum
 	// is 1 hour.
-	Ttl *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Ttl *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl" json:"ttl,omitempty"`
 	// The resource being created, if its id is known before the create.
-	ResourceId    string `protobuf:"bytes,5,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`
+	ResourceId    string `protobuf:"bytes,5,opt,name=resource_id,json=resourceId" json:"resource_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -775,14 +775,14 @@ func (x *CheckAndReserveRequest) GetResourceId() string {
 
 type CheckAndReserveResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
-	Reservation *Reservation           `protobuf:"bytes,1,opt,name=reservation,proto3" json:"reservation,omitempty"`
+	Reservation *Reservation           `protobuf:"bytes,1,opt,name=reservation" json:"reservation,omitempty"`
 	// Usage of the reserved metrics after the reservation.
-	Usage []*MetricUsage `protobuf:"bytes,2,rep,name=usage,proto3" json:"usage,omitempty"`
+	Usage []*MetricUsage `protobuf:"bytes,2,rep,name=usage" json:"usage,omitempty"`
 	// In TRACK_ONLY mode, the limits this request would have exceeded.
-	WouldExceed []*LimitViolation `protobuf:"bytes,3,rep,name=would_exceed,json=wouldExceed,proto3" json:"would_exceed,omitempty"`
+	WouldExceed []*LimitViolation `protobuf:"bytes,3,rep,name=would_exceed,json=wouldExceed" json:"would_exceed,omitempty"`
 	// True when the response is for an earlier request with the same
 	// idempotency key.
-	Replayed      bool `protobuf:"varint,4,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	Replayed      bool `protobuf:"varint,4,opt,name=replayed" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -847,14 +847,14 @@ func (x *CheckAndReserveResponse) GetReplayed() bool {
 
 type CommitRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	ReservationId string                 `protobuf:"bytes,2,opt,name=reservation_id,json=reservationId,proto3" json:"reservation_id,omitempty"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	ReservationId string                 `protobuf:"bytes,2,opt,name=reservation_id,json=reservationId" json:"reservation_id,omitempty"`
 	// Actual amounts per reserved metric and parent. Items left out commit
 	// the reserved amount; an empty list commits everything as reserved.
-	ActualItems []*UsageItem `protobuf:"bytes,3,rep,name=actual_items,json=actualItems,proto3" json:"actual_items,omitempty"`
+	ActualItems []*UsageItem `protobuf:"bytes,3,rep,name=actual_items,json=actualItems" json:"actual_items,omitempty"`
 	// The created resource. Required when the reservation adds to a running
 	// total and did not name a resource.
-	ResourceId    string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`
+	ResourceId    string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId" json:"resource_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -919,11 +919,11 @@ func (x *CommitRequest) GetResourceId() string {
 
 type CommitResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
-	Reservation *Reservation           `protobuf:"bytes,1,opt,name=reservation,proto3" json:"reservation,omitempty"`
+	Reservation *Reservation           `protobuf:"bytes,1,opt,name=reservation" json:"reservation,omitempty"`
 	// Usage of the committed metrics after the commit.
-	Usage []*MetricUsage `protobuf:"bytes,2,rep,name=usage,proto3" json:"usage,omitempty"`
+	Usage []*MetricUsage `protobuf:"bytes,2,rep,name=usage" json:"usage,omitempty"`
 	// True when the reservation was already committed.
-	Replayed      bool `protobuf:"varint,3,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	Replayed      bool `protobuf:"varint,3,opt,name=replayed" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -981,8 +981,8 @@ func (x *CommitResponse) GetReplayed() bool {
 
 type ReleaseRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	ReservationId string                 `protobuf:"bytes,2,opt,name=reservation_id,json=reservationId,proto3" json:"reservation_id,omitempty"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	ReservationId string                 `protobuf:"bytes,2,opt,name=reservation_id,json=reservationId" json:"reservation_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1033,7 +1033,7 @@ func (x *ReleaseRequest) GetReservationId() string {
 
 type ReleaseResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	Reservation   *Reservation           `protobuf:"bytes,1,opt,name=reservation,proto3" json:"reservation,omitempty"`
+	Reservation   *Reservation           `protobuf:"bytes,1,opt,name=reservation" json:"reservation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1077,12 +1077,12 @@ func (x *ReleaseResponse) GetReservation() *Reservation {
 
 type RecordUsageRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	Items     []*UsageItem           `protobuf:"bytes,2,rep,name=items,proto3" json:"items,omitempty"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	Items     []*UsageItem           `protobuf:"bytes,2,rep,name=items" json:"items,omitempty"`
 	// Scoped to the account, as for CheckAndReserve.
-	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey" json:"idempotency_key,omitempty"`
 	// Required when an item adds to a running total.
-	ResourceId    string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`
+	ResourceId    string `protobuf:"bytes,4,opt,name=resource_id,json=resourceId" json:"resource_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1147,10 +1147,10 @@ func (x *RecordUsageRequest) GetResourceId() string {
 
 type RecordUsageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Usage []*MetricUsage         `protobuf:"bytes,1,rep,name=usage,proto3" json:"usage,omitempty"`
+	Usage []*MetricUsage         `protobuf:"bytes,1,rep,name=usage" json:"usage,omitempty"`
 	// Limits that are exceeded now that the usage is recorded.
-	Exceeded      []*LimitViolation `protobuf:"bytes,2,rep,name=exceeded,proto3" json:"exceeded,omitempty"`
-	Replayed      bool              `protobuf:"varint,3,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	Exceeded      []*LimitViolation `protobuf:"bytes,2,rep,name=exceeded" json:"exceeded,omitempty"`
+	Replayed      bool              `protobuf:"varint,3,opt,name=replayed" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1208,9 +1208,9 @@ func (x *RecordUsageResponse) GetReplayed() bool {
 
 type RecordDeletionRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
-	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	Metric        Metric                 `protobuf:"varint,2,opt,name=metric,proto3,enum=metering.v1.Metric" json:"metric,omitempty"`
-	ResourceId    string                 `protobuf:"bytes,3,opt,name=resource_id,json=resourceId,proto3" json:"resource_id,omitempty"`
+	AccountId     string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	Metric        Metric                 `protobuf:"varint,2,opt,name=metric,enum=metering.v1.Metric" json:"metric,omitempty"`
+	ResourceId    string                 `protobuf:"bytes,3,opt,name=resource_id,json=resourceId" json:"resource_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1269,12 +1269,12 @@ func (x *RecordDeletionRequest) GetResourceId() string {
 type RecordDeletionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Amount subtracted by this call or by the first call for the resource.
-	Subtracted int64 `protobuf:"varint,1,opt,name=subtracted,proto3" json:"subtracted,omitempty"`
+	Subtracted int64 `protobuf:"varint,1,opt,name=subtracted" json:"subtracted,omitempty"`
 	// Parent whose running total was lowered, if any.
-	ParentId string         `protobuf:"bytes,2,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
-	Usage    []*MetricUsage `protobuf:"bytes,3,rep,name=usage,proto3" json:"usage,omitempty"`
+	ParentId string         `protobuf:"bytes,2,opt,name=parent_id,json=parentId" json:"parent_id,omitempty"`
+	Usage    []*MetricUsage `protobuf:"bytes,3,rep,name=usage" json:"usage,omitempty"`
 	// True when the deletion had already been recorded.
-	Replayed      bool `protobuf:"varint,4,opt,name=replayed,proto3" json:"replayed,omitempty"`
+	Replayed      bool `protobuf:"varint,4,opt,name=replayed" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1339,9 +1339,9 @@ func (x *RecordDeletionResponse) GetReplayed() bool {
 
 type GetCurrentUsageRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
-	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
+	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
 	// Optional: also return the per-parent counters of this parent.
-	ParentId      string `protobuf:"bytes,2,opt,name=parent_id,json=parentId,proto3" json:"parent_id,omitempty"`
+	ParentId      string `protobuf:"bytes,2,opt,name=parent_id,json=parentId" json:"parent_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1392,12 +1392,12 @@ func (x *GetCurrentUsageRequest) GetParentId() string {
 
 type GetCurrentUsageResponse struct {
 	state           protoimpl.MessageState `protogen:"open.v1"`
-	AccountId       string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId,proto3" json:"account_id,omitempty"`
-	PlanId          string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId,proto3" json:"plan_id,omitempty"`
-	EnforcementMode EnforcementMode        `protobuf:"varint,3,opt,name=enforcement_mode,json=enforcementMode,proto3,enum=metering.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
-	PeriodStart     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=period_start,json=periodStart,proto3" json:"period_start,omitempty"`
-	PeriodEnd       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=period_end,json=periodEnd,proto3" json:"period_end,omitempty"`
-	Usage           []*MetricUsage         `protobuf:"bytes,6,rep,name=usage,proto3" json:"usage,omitempty"`
+	AccountId       string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	PlanId          string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId" json:"plan_id,omitempty"`
+	EnforcementMode EnforcementMode        `protobuf:"varint,3,opt,name=enforcement_mode,json=enforcementMode,enum=metering.v1.EnforcementMode" json:"enforcement_mode,omitempty"`
+	PeriodStart     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=period_start,json=periodStart" json:"period_start,omitempty"`
+	PeriodEnd       *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=period_end,json=periodEnd" json:"period_end,omitempty"`
+	Usage           []*MetricUsage         `protobuf:"bytes,6,rep,name=usage" json:"usage,omitempty"`
 	unknownFields   protoimpl.UnknownFields
 	sizeCache       protoimpl.SizeCache
 }
@@ -1496,20 +1496,17 @@ const file_metering_v1_metering_proto_rawDesc = "" +
 	"\n" +
 	"created_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
 	"\n" +
-	"expires_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xd7\x02\n" +
+	"expires_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"\xc3\x02\n" +
 	"\vMetricUsage\x12+\n" +
 	"\x06metric\x18\x01 \x01(\x0e2\x13.metering.v1.MetricR\x06metric\x12-\n" +
 	"\x05scope\x18\x02 \x01(\x0e2\x17.metering.v1.LimitScopeR\x05scope\x12\x1b\n" +
 	"\tparent_id\x18\x03 \x01(\tR\bparentId\x12+\n" +
 	"\x04kind\x18\x04 \x01(\x0e2\x17.metering.v1.MetricKindR\x04kind\x12\x12\n" +
 	"\x04used\x18\x05 \x01(\x03R\x04used\x12\x1a\n" +
-	"\breserved\x18\x06 \x01(\x03R\breserved\x12\x19\n" +
-	"\x05limit\x18\a \x01(\x03H\x00R\x05limit\x88\x01\x01\x12\x1c\n" +
-	"\tunlimited\x18\b \x01(\bR\tunlimited\x12!\n" +
-	"\tremaining\x18\t \x01(\x03H\x01R\tremaining\x88\x01\x01B\b\n" +
-	"\x06_limitB\f\n" +
-	"\n" +
-	"_remaining\"\xed\x01\n" +
+	"\breserved\x18\x06 \x01(\x03R\breserved\x12\x1b\n" +
+	"\x05limit\x18\a \x01(\x03B\x05\xaa\x01\x02\b\x01R\x05limit\x12\x1c\n" +
+	"\tunlimited\x18\b \x01(\bR\tunlimited\x12#\n" +
+	"\tremaining\x18\t \x01(\x03B\x05\xaa\x01\x02\b\x01R\tremaining\"\xed\x01\n" +
 	"\x0eLimitViolation\x12+\n" +
 	"\x06metric\x18\x01 \x01(\x0e2\x13.metering.v1.MetricR\x06metric\x12-\n" +
 	"\x05scope\x18\x02 \x01(\x0e2\x17.metering.v1.LimitScopeR\x05scope\x12\x1b\n" +
@@ -1618,8 +1615,8 @@ const file_metering_v1_metering_proto_rawDesc = "" +
 	"\aRelease\x12\x1b.metering.v1.ReleaseRequest\x1a\x1c.metering.v1.ReleaseResponse\x12P\n" +
 	"\vRecordUsage\x12\x1f.metering.v1.RecordUsageRequest\x1a .metering.v1.RecordUsageResponse\x12Y\n" +
 	"\x0eRecordDeletion\x12\".metering.v1.RecordDeletionRequest\x1a#.metering.v1.RecordDeletionResponse\x12\\\n" +
-	"\x0fGetCurrentUsage\x12#.metering.v1.GetCurrentUsageRequest\x1a$.metering.v1.GetCurrentUsageResponseB\xa6\x01\n" +
-	"\x0fcom.metering.v1B\rMeteringProtoP\x01Z7github.com/metering/metering/gen/metering/v1;meteringv1\xa2\x02\x03MXX\xaa\x02\vMetering.V1\xca\x02\vMetering\\V1\xe2\x02\x17Metering\\V1\\GPBMetadata\xea\x02\fMetering::V1b\x06proto3"
+	"\x0fGetCurrentUsage\x12#.metering.v1.GetCurrentUsageRequest\x1a$.metering.v1.GetCurrentUsageResponseB\xad\x01\n" +
+	"\x0fcom.metering.v1B\rMeteringProtoP\x01Z7github.com/metering/metering/gen/metering/v1;meteringv1\xa2\x02\x03MXX\xaa\x02\vMetering.V1\xca\x02\vMetering\\V1\xe2\x02\x17Metering\\V1\\GPBMetadata\xea\x02\fMetering::V1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
 var (
 	file_metering_v1_metering_proto_rawDescOnce sync.Once
@@ -1714,7 +1711,6 @@ func file_metering_v1_metering_proto_init() {
 	if File_metering_v1_metering_proto != nil {
 		return
 	}
-	file_metering_v1_metering_proto_msgTypes[2].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
