@@ -1,0 +1,43 @@
+# Run `make` or `make help` for the list of targets.
+
+.DEFAULT_GOAL := help
+
+# DATABASE_URL, or the URL of a local PostgreSQL that cmd/localpg finds or
+# starts when DATABASE_URL is unset. The assignment fails when cmd/localpg
+# fails, which stops the recipe before it runs anything with an empty URL.
+USE_LOCAL_DATABASE = DATABASE_URL="$${DATABASE_URL:-$$(go run ./cmd/localpg)}" && export DATABASE_URL
+
+.PHONY: help
+help: ## Print the targets and what they do
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-16s %s\n", $$1, $$2 }'
+
+.PHONY: run
+run: ## Run the server with migrations on DATABASE_URL, or on a local PostgreSQL when unset
+	$(USE_LOCAL_DATABASE) && go run ./cmd/metering serve --migrate
+
+.PHONY: migrate
+migrate: ## Apply the migrations to DATABASE_URL, or to a local PostgreSQL when unset
+	$(USE_LOCAL_DATABASE) && go run ./cmd/metering migrate
+
+.PHONY: test
+test: ## Run all tests with the race detector (uses DATABASE_URL, or finds or starts a local PostgreSQL)
+	go test -race -count=1 ./...
+
+.PHONY: generate
+generate: ## Generate the Go code in gen/ from the protobuf files in proto/
+	go tool buf generate
+
+.PHONY: check-generated
+check-generated: ## Regenerate gen/ from scratch and fail if it differs from what git has
+	go tool buf generate --clean
+	@git diff --exit-code --stat -- gen/ || { echo "gen/ is out of date: run 'make generate' and commit the result" >&2; exit 1; }
+	@untracked="$$(git ls-files --others --exclude-standard -- gen/)"; \
+	if [ -n "$$untracked" ]; then \
+		printf 'gen/ has files that git does not track: run git add on them and commit\n%s\n' "$$untracked" >&2; \
+		exit 1; \
+	fi
+
+.PHONY: lint
+lint: ## Run go vet and buf lint
+	go vet ./...
+	go tool buf lint
