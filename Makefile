@@ -2,10 +2,10 @@
 
 .DEFAULT_GOAL := help
 
-# DATABASE_URL, or the URL of a local PostgreSQL that cmd/localpg finds or
-# starts when DATABASE_URL is unset. The assignment fails when cmd/localpg
+# DATABASE_URL, or the URL of the database "metering" on a local PostgreSQL
+# that cmd/localpg finds or starts when DATABASE_URL is unset. The assignment fails when cmd/localpg
 # fails, which stops the recipe before it runs anything with an empty URL.
-USE_LOCAL_DATABASE = DATABASE_URL="$${DATABASE_URL:-$$(go run ./cmd/localpg)}" && export DATABASE_URL
+USE_LOCAL_DATABASE = DATABASE_URL="$${DATABASE_URL:-$$(go run ./cmd/localpg -database metering)}" && export DATABASE_URL
 
 .PHONY: help
 help: ## Print the targets and what they do

@@ -5,7 +5,8 @@
 //
 //	DATABASE_URL=${DATABASE_URL:-$(go run ./cmd/localpg)}
 //
-// With -stop it stops the private cluster instead.
+// With -database NAME it creates that database when missing and prints its
+// URL. With -stop it stops the private cluster instead.
 package main
 
 import (
@@ -36,6 +37,7 @@ func main() {
 func run(ctx context.Context, logger *slog.Logger, args []string) error {
 	flags := flag.NewFlagSet("localpg", flag.ContinueOnError)
 	stopCluster := flags.Bool("stop", false, "stop the private cluster in .data/postgres instead of printing a URL")
+	database := flags.String("database", "", "create this database when missing and print its URL instead of the server's (ignored when DATABASE_URL is set)")
 	if err := flags.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -51,6 +53,12 @@ func run(ctx context.Context, logger *slog.Logger, args []string) error {
 	databaseURL, err := localpg.Find(ctx, opts)
 	if err != nil {
 		return err
+	}
+	if *database != "" && os.Getenv("DATABASE_URL") == "" {
+		databaseURL, err = localpg.EnsureDatabase(ctx, databaseURL, *database)
+		if err != nil {
+			return err
+		}
 	}
 
 	_, err = fmt.Println(databaseURL)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 const (
@@ -243,4 +244,35 @@ func moduleRoot() (string, error) {
 		}
 		dir = parent
 	}
+}
+
+// EnsureDatabase creates the database name on the server at serverURL when it
+// does not exist, and returns serverURL with its database replaced by name.
+func EnsureDatabase(ctx context.Context, serverURL, name string) (string, error) {
+	u, err := url.Parse(serverURL)
+	if err != nil || u.Scheme == "" {
+		return "", errors.New("ensure database: the server address must be a postgres:// URL")
+	}
+
+	conn, err := pgx.Connect(ctx, serverURL)
+	if err != nil {
+		return "", fmt.Errorf("ensure database %q: %w", name, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", name).Scan(&exists); err != nil {
+		return "", fmt.Errorf("ensure database %q: %w", name, err)
+	}
+	if !exists {
+		_, err := conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize())
+		var pgErr *pgconn.PgError
+		// 42P04 is duplicate_database: another process created it meanwhile.
+		if err != nil && !(errors.As(err, &pgErr) && pgErr.Code == "42P04") {
+			return "", fmt.Errorf("create database %q: %w", name, err)
+		}
+	}
+
+	u.Path = "/" + name
+	return u.String(), nil
 }

@@ -42,6 +42,9 @@ func (s *Service) RunSweeper(ctx context.Context, interval time.Duration) {
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 
+	// failing is true after a failed sweep, so an outage logs one warning
+	// and one recovery instead of a line every interval.
+	failing := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -51,10 +54,15 @@ func (s *Service) RunSweeper(ctx context.Context, interval time.Duration) {
 
 		n, err := s.ExpireReservations(ctx)
 		if err != nil {
-			if ctx.Err() == nil {
-				s.logger.WarnContext(ctx, "sweeping expired reservations failed", "error", err)
+			if ctx.Err() == nil && !failing {
+				s.logger.WarnContext(ctx, "sweeping expired reservations failed; retrying every interval", "error", err, "interval", interval)
 			}
+			failing = true
 			continue
+		}
+		if failing {
+			s.logger.InfoContext(ctx, "sweeping expired reservations works again")
+			failing = false
 		}
 		if n > 0 {
 			s.logger.DebugContext(ctx, "expired reservations marked", "count", n)

@@ -109,7 +109,7 @@ func (a *API) limitStatus(ctx context.Context, accountID string, e *metering.Lim
 		}
 	}
 	meta := violationMetadata(accountID, first)
-	meta["period_end"] = e.Period.End.Format(time.RFC3339)
+	meta["period_end"] = e.Period.End.Format(time.RFC3339Nano)
 	info := &errdetails.ErrorInfo{Reason: reason, Domain: errorDomain, Metadata: meta}
 
 	msg := fmt.Sprintf("%s limit exceeded for metric %s", first.Scope, first.Metric)
@@ -120,7 +120,13 @@ func (a *API) limitStatus(ctx context.Context, accountID string, e *metering.Lim
 
 	details := []protoadapt.MessageV1{quota, info}
 	if periodOnly {
-		wait := max(e.Period.End.Sub(a.svc.Now()), time.Second)
+		// Whole seconds, rounded up, so a client that waits this long is past the
+		// period's end.
+		wait := e.Period.End.Sub(a.svc.Now())
+		if wait%time.Second != 0 {
+			wait = wait.Truncate(time.Second) + time.Second
+		}
+		wait = max(wait, time.Second)
 		details = append(details, &errdetails.RetryInfo{RetryDelay: durationpb.New(wait)})
 	}
 	return withDetails(codes.ResourceExhausted, msg, details...)
