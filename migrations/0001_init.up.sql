@@ -87,7 +87,7 @@ CREATE TABLE metering.reservations (
 
 -- Pending reservations are few per account, so summing them stays cheap
 -- however long the history grows.
-CREATE INDEX reservations_pending_by_account ON metering.reservations (account_id)
+CREATE INDEX reservations_pending_by_account ON metering.reservations (account_id, expire_time)
     WHERE state = 'pending';
 CREATE INDEX reservations_pending_by_expiry ON metering.reservations (expire_time)
     WHERE state = 'pending';
@@ -136,8 +136,6 @@ CREATE TABLE metering.usage_events (
     reason         text NOT NULL,
     create_time    timestamptz NOT NULL
 );
-
-CREATE INDEX usage_events_by_account ON metering.usage_events (account_id, id);
 
 -- Default plans. Per-period limits count creates in one billing period;
 -- agents and storage_bytes count what exists now; documents per task count
@@ -208,16 +206,19 @@ LANGUAGE sql STABLE AS $$
         FROM unnest(p_metrics, p_parents, p_requested) WITH ORDINALITY AS w (metric, parent_id, requested, ord)
         JOIN metering.metrics m ON m.name = w.metric
     ),
-    pending AS (
-        SELECT i.metric, i.parent_id, i.amount
+    -- Summed once per metric and parent, so each counter reads a few rows
+    -- however many reservations are pending.
+    pending AS MATERIALIZED (
+        SELECT i.metric, i.parent_id, sum(i.amount) AS amount
         FROM metering.reservations r,
              unnest(r.metrics, r.parent_ids, r.amounts) AS i (metric, parent_id, amount)
         WHERE r.account_id = p_account
           AND r.state = 'pending'
           AND r.expire_time > p_now
           AND r.id IS DISTINCT FROM p_skip_reservation
+        GROUP BY i.metric, i.parent_id
     ),
-    state AS (
+    state AS MATERIALIZED (
         SELECT w.ord, w.metric, w.scope, w.parent_id, w.kind,
                CASE WHEN w.kind = 'period' THEN p_period_start ELSE '-infinity'::timestamptz END AS period_start,
                coalesce(c.used, 0) AS used,
@@ -261,10 +262,18 @@ LANGUAGE sql STABLE AS $$
         FROM items i JOIN metering.metrics m ON m.name = i.metric
         WHERE i.parent_id <> '' AND m.parent_kind IS NOT NULL
     )
-    SELECT coalesce(array_agg(c.metric ORDER BY c.ord), '{}'),
-           coalesce(array_agg(c.parent_id ORDER BY c.ord), '{}'),
-           coalesce(array_agg(c.amount ORDER BY c.ord), '{}')
-    FROM counters c
+    -- Items that touch the same counter are summed, so the limit check sees
+    -- their total. A sum past the largest bigint is clamped to it, which the
+    -- overflow check then reports.
+    , summed AS (
+        SELECT c.metric, c.parent_id, least(sum(c.amount), 9223372036854775807)::bigint AS amount, min(c.ord) AS ord
+        FROM counters c
+        GROUP BY c.metric, c.parent_id
+    )
+    SELECT coalesce(array_agg(s.metric ORDER BY s.ord), '{}'),
+           coalesce(array_agg(s.parent_id ORDER BY s.ord), '{}'),
+           coalesce(array_agg(s.amount ORDER BY s.ord), '{}')
+    FROM summed s
 $$;
 
 -- usage_json renders counter_state rows as a JSON array.
@@ -356,17 +365,23 @@ BEGIN
     SELECT cr.metric INTO taken
     FROM metering.counted_resources cr
     WHERE cr.account_id = p_account AND cr.resource_id = p_resource AND cr.metric = ANY (p_metrics)
+      AND cr.delete_time IS NULL
     LIMIT 1;
     IF FOUND THEN
         RETURN taken;
     END IF;
 
-    INSERT INTO metering.counted_resources (account_id, metric, resource_id, parent_id, amount,
-                                            reservation_id, create_time)
+    -- A resource whose deletion was recorded may be counted again, as when
+    -- an upload is stored again under the same id. The ledger keeps both.
+    INSERT INTO metering.counted_resources AS cr (account_id, metric, resource_id, parent_id, amount,
+                                                  reservation_id, create_time)
     SELECT p_account, i.metric, p_resource, i.parent_id, i.amount, p_reservation, p_now
     FROM unnest(p_metrics, p_parents, p_amounts) AS i (metric, parent_id, amount)
     JOIN metering.metrics m ON m.name = i.metric
-    WHERE m.account_kind = 'running' OR m.parent_kind = 'running';
+    WHERE m.account_kind = 'running' OR m.parent_kind = 'running'
+    ON CONFLICT (account_id, metric, resource_id) DO UPDATE SET
+        parent_id = excluded.parent_id, amount = excluded.amount, reservation_id = excluded.reservation_id,
+        create_time = excluded.create_time, delete_time = NULL, subtracted = NULL;
     RETURN NULL;
 END
 $$;
@@ -539,6 +554,9 @@ BEGIN
     IF expired THEN
         usage := metering.usage_json(p_account, acct.plan_id, period.period_start, p_now,
                                      cnt.metrics, cnt.parents, cnt.amounts, res.id);
+        IF jsonb_path_exists(usage, '$[*] ? (@.overflow == true)') THEN
+            RETURN jsonb_build_object('outcome', 'overflow');
+        END IF;
         IF acct.enforcement = 'enforce' AND jsonb_path_exists(usage, '$[*] ? (@.exceeded == true)') THEN
             IF res.state = 'pending' THEN
                 UPDATE metering.reservations SET state = 'expired', finish_time = res.expire_time
@@ -758,7 +776,8 @@ BEGIN
     IF st.used::numeric + p_delta < 0 THEN
         RETURN jsonb_build_object('outcome', 'negative', 'used', st.used);
     END IF;
-    IF st.used::numeric + p_delta > 9223372036854775807 THEN
+    -- Pending reservations may still commit, so they count toward overflow.
+    IF st.used::numeric + st.reserved + p_delta > 9223372036854775807 THEN
         RETURN jsonb_build_object('outcome', 'overflow');
     END IF;
 

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 	"time"
 
@@ -141,7 +142,8 @@ type SetAccountRequest struct {
 }
 
 // SetAccountPlan moves an account to a plan, creating it if new, and
-// reports whether it was created. It returns ErrPlanNotFound or
+// reports whether it was created. It returns ErrPlanNotFound, a *StateError
+// when an existing account is given another billing anchor, or
 // ErrUnavailable.
 func (s *Service) SetAccountPlan(ctx context.Context, req SetAccountRequest) (Account, bool, error) {
 	const query = `
@@ -149,9 +151,11 @@ func (s *Service) SetAccountPlan(ctx context.Context, req SetAccountRequest) (Ac
 		VALUES ($1, $2, coalesce($3::timestamptz, $5), coalesce(nullif($4::text, ''), 'enforce'), $5, $5)
 		ON CONFLICT (id) DO UPDATE SET
 			plan_id = excluded.plan_id,
-			billing_anchor = coalesce($3::timestamptz, a.billing_anchor),
 			enforcement = coalesce(nullif($4::text, ''), a.enforcement),
 			update_time = excluded.update_time
+		-- Moving the anchor of an existing account would reset or overlap
+		-- the current period, so only the same anchor is accepted.
+		WHERE $3::timestamptz IS NULL OR a.billing_anchor = $3::timestamptz
 		RETURNING id, plan_id, billing_anchor, enforcement, create_time, update_time, xmax = 0`
 
 	var (
@@ -160,6 +164,12 @@ func (s *Service) SetAccountPlan(ctx context.Context, req SetAccountRequest) (Ac
 	)
 	err := s.pool.QueryRow(ctx, query, req.AccountID, req.PlanID, req.BillingAnchor, string(req.Enforcement), s.now()).
 		Scan(&a.ID, &a.PlanID, &a.BillingAnchor, &a.Enforcement, &a.CreateTime, &a.UpdateTime, &created)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Account{}, false, &StateError{
+			Reason:  ReasonAnchorFixed,
+			Message: fmt.Sprintf("account %q has another billing anchor, which cannot change; leave billing_anchor unset", req.AccountID),
+		}
+	}
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "23503" {
@@ -208,6 +218,8 @@ type ListReservationsRequest struct {
 	PageSize  int
 	PageToken string
 }
+
+var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
 // ErrInvalidPageToken reports a page token this service did not issue.
 var ErrInvalidPageToken = errors.New("invalid page token")
@@ -279,7 +291,7 @@ func decodePageToken(token string) (*time.Time, *string, error) {
 		return nil, nil, ErrInvalidPageToken
 	}
 	t, err := time.Parse(time.RFC3339Nano, at)
-	if err != nil || len(id) != 36 {
+	if err != nil || !uuidPattern.MatchString(id) {
 		return nil, nil, ErrInvalidPageToken
 	}
 	return &t, &id, nil

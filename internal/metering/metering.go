@@ -197,6 +197,7 @@ const (
 	ReasonReservationCommitted = "RESERVATION_COMMITTED"
 	ReasonCommitMismatch       = "COMMIT_MISMATCH"
 	ReasonCounterNegative      = "COUNTER_WOULD_GO_NEGATIVE"
+	ReasonAnchorFixed          = "BILLING_ANCHOR_FIXED"
 )
 
 // StateError reports that an operation conflicts with the current state of a

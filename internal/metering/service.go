@@ -14,6 +14,8 @@ import (
 const (
 	// DefaultTTL applies when a request names no TTL.
 	DefaultTTL = 5 * time.Minute
+	// MinTTL is the shortest TTL a request may name.
+	MinTTL = time.Second
 	// MaxTTL is the longest TTL a request may name.
 	MaxTTL = time.Hour
 )
@@ -52,7 +54,7 @@ type ReserveRequest struct {
 	IdempotencyKey string
 	// RequestHash identifies the request for idempotency; required with a key.
 	RequestHash []byte
-	// TTL is in (0, MaxTTL]; zero takes DefaultTTL.
+	// TTL is zero, which takes DefaultTTL, or in [MinTTL, MaxTTL].
 	TTL        time.Duration
 	ResourceID string
 	Actor      string
@@ -188,6 +190,8 @@ func (s *Service) Commit(ctx context.Context, req CommitRequest) (CommitResult, 
 			Reason:  ReasonCommitMismatch,
 			Message: fmt.Sprintf("reservation %q was already committed with other amounts or another resource", req.ReservationID),
 		}
+	case "overflow":
+		return CommitResult{}, errOverflow("actual_items")
 	case "released":
 		return CommitResult{}, &StateError{
 			Reason:  ReasonReservationReleased,

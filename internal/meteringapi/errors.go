@@ -73,7 +73,7 @@ func (a *API) toStatus(ctx context.Context, accountID string, err error) error {
 	case errors.Is(err, metering.ErrInvalidPageToken):
 		return invalidArgument(&errdetails.BadRequest_FieldViolation{Field: "page_token", Description: "must be a next_page_token from a previous response"})
 	case errors.Is(err, metering.ErrOverflow):
-		return status.Error(codes.OutOfRange, "a counter would pass the largest 64-bit value")
+		return invalidArgument(&errdetails.BadRequest_FieldViolation{Field: "items", Description: "with the current usage the sum would overflow a 64-bit counter"})
 	case errors.Is(err, metering.ErrUnavailable):
 		a.logger.WarnContext(ctx, "database unavailable", "error", err)
 		return status.Error(codes.Unavailable, "database unavailable; retry with backoff")

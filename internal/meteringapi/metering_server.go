@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	meteringv1 "github.com/metering/metering/gen/metering/v1"
@@ -37,7 +38,14 @@ func (s *meteringServer) CheckAndReserve(ctx context.Context, req *meteringv1.Ch
 		Actor:          actor(ctx),
 	}
 	if in.IdempotencyKey != "" {
-		in.RequestHash = requestHash(meteringv1.MeteringService_CheckAndReserve_FullMethodName, req)
+		// A zero TTL means the default, as an unset one does, so both hash
+		// the same.
+		hashed := req
+		if req.GetTtl() != nil && req.GetTtl().AsDuration() == 0 {
+			hashed = proto.CloneOf(req)
+			hashed.Ttl = nil
+		}
+		in.RequestHash = requestHash(meteringv1.MeteringService_CheckAndReserve_FullMethodName, hashed)
 	}
 	res, err := s.api.svc.Reserve(ctx, in)
 	s.api.countReserve(in.Items, res, err)

@@ -3,6 +3,7 @@ package meteringapi
 import (
 	"fmt"
 	"regexp"
+	"strings"
 	"unicode/utf8"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -69,6 +70,8 @@ func (v *violations) text(field, value string, required bool, maxLen int) {
 	switch {
 	case !utf8.ValidString(value):
 		v.add(field, "must be valid UTF-8")
+	case strings.ContainsRune(value, 0):
+		v.add(field, "must not contain NUL (U+0000) characters")
 	case required && value == "":
 		v.add(field, "is required")
 	case len(value) > maxLen:
@@ -148,6 +151,8 @@ func (v *violations) ttl(d *durationpb.Duration) {
 	switch ttl := d.AsDuration(); {
 	case ttl < 0:
 		v.add("ttl", "must not be negative, got %s", ttl)
+	case ttl > 0 && ttl < metering.MinTTL:
+		v.add("ttl", "must be zero (the default, %s) or at least %s, got %s", metering.DefaultTTL, metering.MinTTL, ttl)
 	case ttl > metering.MaxTTL:
 		v.add("ttl", "must be at most %s, got %s", metering.MaxTTL, ttl)
 	}

@@ -467,8 +467,9 @@ type SetAccountPlanRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
 	PlanId    string                 `protobuf:"bytes,2,opt,name=plan_id,json=planId" json:"plan_id,omitempty"`
-	// Optional. A new account without one is anchored at the current time;
-	// an existing account keeps its anchor.
+	// Optional, microsecond precision. A new account without one is anchored
+	// at the current time. An existing account keeps its anchor: naming
+	// another one fails with FAILED_PRECONDITION, reason BILLING_ANCHOR_FIXED.
 	BillingAnchor *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=billing_anchor,json=billingAnchor" json:"billing_anchor,omitempty"`
 	// Optional. A new account without one enforces; an existing account keeps
 	// its mode.

@@ -699,8 +699,8 @@ type CheckAndReserveRequest struct {
 	// Scoped to the account. Optional but recommended: a retry with the same
 	// key and request returns the first reservation.
 	IdempotencyKey string `protobuf:"bytes,3,opt,name=idempotency_key,json=idempotencyKey" json:"idempotency_key,omitempty"`
-	// Time to live. Zero or unset takes the default (5 minutes); the maximum
-	// is 1 hour.
+	// Time to live. Zero or unset takes the default (5 minutes); otherwise
+	// from 1 second to 1 hour.
 	Ttl *durationpb.Duration `protobuf:"bytes,4,opt,name=ttl" json:"ttl,omitempty"`
 	// The resource being created, if its id is known before the create.
 	ResourceId    string `protobuf:"bytes,5,opt,name=resource_id,json=resourceId" json:"resource_id,omitempty"`

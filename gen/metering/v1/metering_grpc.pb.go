@@ -42,8 +42,8 @@ type MeteringServiceClient interface {
 	// with the same idempotency key and request returns the same reservation.
 	CheckAndReserve(ctx context.Context, in *CheckAndReserveRequest, opts ...grpc.CallOption) (*CheckAndReserveResponse, error)
 	// Commit records the usage of a reservation. An actual amount may be lower
-	// than the reserved one, never higher. Committing twice returns the first
-	// result.
+	// than the reserved one, never higher. Committing again with the same
+	// amounts returns the committed reservation with replayed set.
 	Commit(ctx context.Context, in *CommitRequest, opts ...grpc.CallOption) (*CommitResponse, error)
 	// Release frees a pending reservation. Releasing an expired or released
 	// reservation succeeds; releasing a committed one fails.
@@ -142,8 +142,8 @@ type MeteringServiceServer interface {
 	// with the same idempotency key and request returns the same reservation.
 	CheckAndReserve(context.Context, *CheckAndReserveRequest) (*CheckAndReserveResponse, error)
 	// Commit records the usage of a reservation. An actual amount may be lower
-	// than the reserved one, never higher. Committing twice returns the first
-	// result.
+	// than the reserved one, never higher. Committing again with the same
+	// amounts returns the committed reservation with replayed set.
 	Commit(context.Context, *CommitRequest) (*CommitResponse, error)
 	// Release frees a pending reservation. Releasing an expired or released
 	// reservation succeeds; releasing a committed one fails.
