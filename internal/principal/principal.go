@@ -3,7 +3,10 @@
 // authenticated.
 package principal
 
-import "context"
+import (
+	"context"
+	"slices"
+)
 
 // Kind is the kind of caller.
 type Kind int
@@ -24,6 +27,9 @@ type Principal struct {
 	Kind Kind
 	// UserID is the JWT subject of a user or operator.
 	UserID string
+	// Role is a user's role within AccountID, such as "member" or "admin".
+	// It is empty for services and operators.
+	Role string
 	// TokenID identifies the service token of a service.
 	TokenID string
 	// AgentID is the agent a runtime worker's token is bound to, if any.
@@ -51,6 +57,18 @@ func (p Principal) Actor() string {
 	default:
 		return "anonymous"
 	}
+}
+
+// BoundToAccount reports whether the principal may act on one account only,
+// the one in AccountID. Operators and all-accounts service tokens are not
+// bound.
+func (p Principal) BoundToAccount() bool {
+	return p.AccountID != ""
+}
+
+// HasScope reports whether the principal's scopes include scope.
+func (p Principal) HasScope(scope string) bool {
+	return slices.Contains(p.Scopes, scope)
 }
 
 type contextKey struct{}
