@@ -7,13 +7,29 @@
 # fails, which stops the recipe before it runs anything with an empty URL.
 USE_LOCAL_DATABASE = DATABASE_URL="$${DATABASE_URL:-$$(go run ./cmd/localpg -database metering)}" && export DATABASE_URL
 
+# Development authentication: user JWTs are signed with an HS256 secret kept
+# in .data/dev-jwt-secret, created on first use. Production uses a JWKS file.
+DEV_JWT_SECRET_FILE = .data/dev-jwt-secret
+USE_DEV_AUTH = mkdir -p .data && { [ -s $(DEV_JWT_SECRET_FILE) ] || head -c 48 /dev/urandom | base64 > $(DEV_JWT_SECRET_FILE); } && \
+	export METERING_JWT_HS256_SECRET_FILE="$${METERING_JWT_HS256_SECRET_FILE:-$(DEV_JWT_SECRET_FILE)}" \
+		METERING_JWT_ISSUER="$${METERING_JWT_ISSUER:-metering-dev}" \
+		METERING_JWT_AUDIENCE="$${METERING_JWT_AUDIENCE:-metering}"
+
 .PHONY: help
 help: ## Print the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-16s %s\n", $$1, $$2 }'
 
 .PHONY: run
 run: ## Run the server with migrations on DATABASE_URL, or on a local PostgreSQL when unset
-	$(USE_LOCAL_DATABASE) && go run ./cmd/metering serve --migrate
+	$(USE_LOCAL_DATABASE) && $(USE_DEV_AUTH) && go run ./cmd/metering serve --migrate
+
+.PHONY: tokens
+tokens: ## Print shell exports of a development operator token and a user JWT (eval "$(make tokens)")
+	@$(USE_LOCAL_DATABASE) && $(USE_DEV_AUTH) && export METERING_LOG_LEVEL=warn && \
+		go run ./cmd/metering migrate && \
+		operator="$$(go run ./cmd/metering token issue -name dev-operator -scopes admin)" && \
+		user="$$(go run ./cmd/metering token jwt -sub alice -account acme -role member)" && \
+		printf 'export OPERATOR_TOKEN=%s\nexport USER_JWT=%s\n' "$$operator" "$$user"
 
 .PHONY: migrate
 migrate: ## Apply the migrations to DATABASE_URL, or to a local PostgreSQL when unset

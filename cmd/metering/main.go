@@ -22,6 +22,7 @@ const usageHeader = `Usage: metering [command] [flags]
 Commands:
   serve    serve the gRPC API and /metrics until SIGINT or SIGTERM (default)
   migrate  apply the database migrations and exit
+  token    mint a development JWT or issue a service token (metering token -h)
 
 Each flag falls back to the environment variable named in its help, and then
 to its default.
@@ -57,11 +58,15 @@ func main() {
 // run parses the command line and runs the command. It sets level from the
 // configuration.
 func run(ctx context.Context, args []string, logger *slog.Logger, level *slog.LevelVar) error {
+	if len(args) > 0 && args[0] == "token" {
+		return runToken(ctx, args[1:], logger)
+	}
+
 	command := "serve"
 	if len(args) > 0 && (args[0] == "serve" || args[0] == "migrate") {
 		command, args = args[0], args[1:]
 	} else if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
-		return &usageError{fmt.Errorf("unknown command %q, must be serve or migrate", args[0])}
+		return &usageError{fmt.Errorf("unknown command %q, must be serve, migrate or token", args[0])}
 	}
 
 	fs := flag.NewFlagSet("metering", flag.ContinueOnError)

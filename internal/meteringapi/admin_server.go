@@ -226,3 +226,61 @@ func (s *adminServer) AdjustUsage(ctx context.Context, req *meteringv1.AdjustUsa
 	}
 	return &meteringv1.AdjustUsageResponse{Usage: usageProto(res.Counter), Replayed: res.Replayed}, nil
 }
+
+func (s *adminServer) IssueServiceToken(ctx context.Context, req *meteringv1.IssueServiceTokenRequest) (*meteringv1.IssueServiceTokenResponse, error) {
+	var v violations
+	v.text("name", req.GetName(), true, MaxDisplayNameLength)
+	v.optionalID("account_id", req.GetAccountId())
+	v.optionalID("agent_id", req.GetAgentId())
+	if req.GetAgentId() != "" && req.GetAccountId() == "" {
+		v.add("agent_id", "requires account_id: an agent belongs to one account")
+	}
+	v.scopes(req.GetScopes(), req.GetAccountId() != "")
+	if err := v.err(); err != nil {
+		return nil, err
+	}
+
+	info, plaintext, err := s.api.svc.IssueServiceToken(ctx, metering.IssueTokenRequest{
+		Name:      req.GetName(),
+		AccountID: req.GetAccountId(),
+		AgentID:   req.GetAgentId(),
+		Scopes:    req.GetScopes(),
+		Actor:     actor(ctx),
+	})
+	if err != nil {
+		return nil, s.api.toStatus(ctx, req.GetAccountId(), err)
+	}
+	return &meteringv1.IssueServiceTokenResponse{Token: tokenProto(info), Plaintext: plaintext}, nil
+}
+
+func (s *adminServer) ListServiceTokens(ctx context.Context, req *meteringv1.ListServiceTokensRequest) (*meteringv1.ListServiceTokensResponse, error) {
+	var v violations
+	v.optionalID("account_id", req.GetAccountId())
+	if err := v.err(); err != nil {
+		return nil, err
+	}
+
+	tokens, err := s.api.svc.ListServiceTokens(ctx, req.GetAccountId(), req.GetIncludeRevoked())
+	if err != nil {
+		return nil, s.api.toStatus(ctx, req.GetAccountId(), err)
+	}
+	out := &meteringv1.ListServiceTokensResponse{}
+	for _, t := range tokens {
+		out.Tokens = append(out.Tokens, tokenProto(t))
+	}
+	return out, nil
+}
+
+func (s *adminServer) RevokeServiceToken(ctx context.Context, req *meteringv1.RevokeServiceTokenRequest) (*meteringv1.RevokeServiceTokenResponse, error) {
+	var v violations
+	v.id("id", req.GetId())
+	if err := v.err(); err != nil {
+		return nil, err
+	}
+
+	t, err := s.api.svc.RevokeServiceToken(ctx, req.GetId())
+	if err != nil {
+		return nil, s.api.toStatus(ctx, "", err)
+	}
+	return &meteringv1.RevokeServiceTokenResponse{Token: tokenProto(t)}, nil
+}

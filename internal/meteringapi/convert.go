@@ -161,3 +161,22 @@ func accountProto(a metering.Account) *meteringv1.Account {
 		UpdateTime:      timestamppb.New(a.UpdateTime),
 	}
 }
+
+func tokenProto(t metering.ServiceTokenInfo) *meteringv1.ServiceToken {
+	out := &meteringv1.ServiceToken{
+		Id:         t.ID,
+		Name:       t.Name,
+		AccountId:  t.AccountID,
+		AgentId:    t.AgentID,
+		Scopes:     t.Scopes,
+		CreateTime: timestamppb.New(t.CreateTime),
+		CreatedBy:  t.CreatedBy,
+	}
+	if t.RevokeTime != nil {
+		out.RevokeTime = timestamppb.New(*t.RevokeTime)
+	}
+	if t.LastUseTime != nil {
+		out.LastUseTime = timestamppb.New(*t.LastUseTime)
+	}
+	return out
+}

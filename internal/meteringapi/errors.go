@@ -68,6 +68,8 @@ func (a *API) toStatus(ctx context.Context, accountID string, err error) error {
 		return notFound("reservation", "", "reservation not found in this account")
 	case errors.Is(err, metering.ErrPlanNotFound):
 		return notFound("plan", "", "plan not found; create it with UpsertPlan")
+	case errors.Is(err, metering.ErrTokenNotFound):
+		return notFound("service token", "", "service token not found")
 	case errors.Is(err, metering.ErrResourceNotFound):
 		return notFound("resource", "", "no usage was counted for this resource and metric")
 	case errors.Is(err, metering.ErrInvalidPageToken):

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	meteringv1 "github.com/metering/metering/gen/metering/v1"
+	"github.com/metering/metering/internal/auth"
 	"github.com/metering/metering/internal/metering"
 )
 
@@ -155,5 +156,28 @@ func (v *violations) ttl(d *durationpb.Duration) {
 		v.add("ttl", "must be zero (the default, %s) or at least %s, got %s", metering.DefaultTTL, metering.MinTTL, ttl)
 	case ttl > metering.MaxTTL:
 		v.add("ttl", "must be at most %s, got %s", metering.MaxTTL, ttl)
+	}
+}
+
+// scopes checks the scopes of a new service token: at least one, each known
+// and listed once. The admin scope needs a token for all accounts, because
+// admin methods are not scoped to one account.
+func (v *violations) scopes(list []string, bound bool) {
+	if len(list) == 0 {
+		v.add("scopes", "must contain at least one of %s, %s, %s", auth.ScopeUsageRead, auth.ScopeUsageWrite, auth.ScopeAdmin)
+		return
+	}
+	seen := make(map[string]bool)
+	for i, scope := range list {
+		field := fmt.Sprintf("scopes[%d]", i)
+		switch {
+		case scope != auth.ScopeUsageRead && scope != auth.ScopeUsageWrite && scope != auth.ScopeAdmin:
+			v.add(field, "must be one of %s, %s, %s", auth.ScopeUsageRead, auth.ScopeUsageWrite, auth.ScopeAdmin)
+		case seen[scope]:
+			v.add(field, "must not repeat %s", scope)
+		case scope == auth.ScopeAdmin && bound:
+			v.add(field, "admin requires a token for all accounts: leave account_id empty")
+		}
+		seen[scope] = true
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/metering/metering/internal/auth"
 )
 
 // Default values of the Config fields. DatabaseURL has no default.
@@ -61,6 +63,9 @@ type Config struct {
 	// requests get to finish after shutdown starts. Connections still open
 	// then are closed.
 	ShutdownTimeout time.Duration
+
+	// Auth configures how callers are authenticated.
+	Auth AuthConfig
 }
 
 // DefaultConfig returns a Config with every default set and an empty
@@ -73,6 +78,10 @@ func DefaultConfig() Config {
 		SweepInterval:   DefaultSweepInterval,
 		HealthInterval:  DefaultHealthInterval,
 		ShutdownTimeout: DefaultShutdownTimeout,
+		Auth: AuthConfig{
+			JWTLeeway:     auth.DefaultLeeway,
+			TokenCacheTTL: auth.DefaultTokenCacheTTL,
+		},
 	}
 }
 
@@ -112,6 +121,8 @@ func (c Config) Validate() error {
 		}
 	}
 
+	errs = append(errs, c.Auth.validate()...)
+
 	return errors.Join(errs...)
 }
 
@@ -129,9 +140,9 @@ func (c Config) Level() slog.Level {
 // String returns the fields in Go syntax with the password in DatabaseURL
 // masked.
 func (c Config) String() string {
-	return fmt.Sprintf("server.Config{ListenAddr:%q, DatabaseURL:%q, MetricsAddr:%q, LogLevel:%q, Migrate:%t, SweepInterval:%s, HealthInterval:%s, ShutdownTimeout:%s}",
+	return fmt.Sprintf("server.Config{ListenAddr:%q, DatabaseURL:%q, MetricsAddr:%q, LogLevel:%q, Migrate:%t, SweepInterval:%s, HealthInterval:%s, ShutdownTimeout:%s, Auth:%+v}",
 		c.ListenAddr, MaskDatabaseURL(c.DatabaseURL), c.MetricsAddr, c.LogLevel, c.Migrate,
-		c.SweepInterval, c.HealthInterval, c.ShutdownTimeout)
+		c.SweepInterval, c.HealthInterval, c.ShutdownTimeout, c.Auth)
 }
 
 // GoString returns the same text as String, so that the %#v verb also masks
@@ -152,6 +163,7 @@ func (c Config) LogValue() slog.Value {
 		slog.String("sweep_interval", c.SweepInterval.String()),
 		slog.String("health_interval", c.HealthInterval.String()),
 		slog.String("shutdown_timeout", c.ShutdownTimeout.String()),
+		slog.Any("auth", c.Auth.LogValue()),
 	)
 }
 

@@ -17,6 +17,12 @@ const (
 	flagSweepInterval   = "sweep-interval"
 	flagHealthInterval  = "health-interval"
 	flagShutdownTimeout = "shutdown-timeout"
+	flagJWTIssuer       = "jwt-issuer"
+	flagJWTAudience     = "jwt-audience"
+	flagJWTSecretFile   = "jwt-hs256-secret-file"
+	flagJWKSFile        = "jwks-file"
+	flagJWTLeeway       = "jwt-leeway"
+	flagTokenCacheTTL   = "token-cache-ttl"
 
 	envListenAddr      = "METERING_LISTEN_ADDR"
 	envDatabaseURL     = "DATABASE_URL"
@@ -26,6 +32,12 @@ const (
 	envSweepInterval   = "METERING_SWEEP_INTERVAL"
 	envHealthInterval  = "METERING_HEALTH_INTERVAL"
 	envShutdownTimeout = "METERING_SHUTDOWN_TIMEOUT"
+	envJWTIssuer       = "METERING_JWT_ISSUER"
+	envJWTAudience     = "METERING_JWT_AUDIENCE"
+	envJWTSecretFile   = "METERING_JWT_HS256_SECRET_FILE"
+	envJWKSFile        = "METERING_JWKS_FILE"
+	envJWTLeeway       = "METERING_JWT_LEEWAY"
+	envTokenCacheTTL   = "METERING_TOKEN_CACHE_TTL"
 )
 
 // ConfigFromFlags defines the server flags on fs, parses args and returns
@@ -68,6 +80,25 @@ func ConfigFromFlags(fs *flag.FlagSet, args []string, lookupEnv func(string) (st
 	})
 	define(flagShutdownTimeout, envShutdownTimeout, "maximum time in-flight requests get to finish at shutdown before their connections are closed, a Go duration", func(name, usage string) {
 		fs.DurationVar(&cfg.ShutdownTimeout, name, cfg.ShutdownTimeout, usage)
+	})
+
+	define(flagJWTIssuer, envJWTIssuer, "required iss claim of user JWTs", func(name, usage string) {
+		fs.StringVar(&cfg.Auth.JWTIssuer, name, cfg.Auth.JWTIssuer, usage)
+	})
+	define(flagJWTAudience, envJWTAudience, "required aud claim of user JWTs", func(name, usage string) {
+		fs.StringVar(&cfg.Auth.JWTAudience, name, cfg.Auth.JWTAudience, usage)
+	})
+	define(flagJWTSecretFile, envJWTSecretFile, "file with the HS256 secret (at least 32 bytes) that signs user JWTs, for development", func(name, usage string) {
+		fs.StringVar(&cfg.Auth.JWTSecretFile, name, cfg.Auth.JWTSecretFile, usage)
+	})
+	define(flagJWKSFile, envJWKSFile, "JWKS file with the RS256, ES256 or EdDSA public keys that sign user JWTs, for production", func(name, usage string) {
+		fs.StringVar(&cfg.Auth.JWKSFile, name, cfg.Auth.JWKSFile, usage)
+	})
+	define(flagJWTLeeway, envJWTLeeway, "clock skew allowed when checking the exp, nbf and iat claims of JWTs, at most 5m", func(name, usage string) {
+		fs.DurationVar(&cfg.Auth.JWTLeeway, name, cfg.Auth.JWTLeeway, usage)
+	})
+	define(flagTokenCacheTTL, envTokenCacheTTL, "how long a service token check is cached, so also how long a revoked token keeps working, at most 5s", func(name, usage string) {
+		fs.DurationVar(&cfg.Auth.TokenCacheTTL, name, cfg.Auth.TokenCacheTTL, usage)
 	})
 
 	if err := fs.Parse(args); err != nil {

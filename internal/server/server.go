@@ -23,6 +23,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 
+	"github.com/metering/metering/internal/auth"
 	"github.com/metering/metering/internal/metering"
 	"github.com/metering/metering/internal/meteringapi"
 	"github.com/metering/metering/internal/schema"
@@ -66,6 +67,7 @@ type server struct {
 	logger  *slog.Logger
 	pool    *pgxpool.Pool
 	service *metering.Service
+	auth    *auth.Authenticator
 	grpc    *grpc.Server
 	health  *health.Server
 	metrics *http.Server
@@ -102,12 +104,34 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger, o options) 
 	service := metering.New(metering.Config{Pool: pool, Logger: logger, Now: time.Now})
 	api := meteringapi.New(service, logger, registry)
 
+	authConfig, err := cfg.Auth.authConfig(service.TokenStore(), logger)
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	authenticator, err := auth.New(authConfig)
+	if err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("configure authentication: %w", err)
+	}
+	policy := meteringapi.Policy()
+	for method, rule := range publicMethods() {
+		policy[method] = rule
+	}
+	unaryAuth, streamAuth := auth.Interceptors(authenticator, policy)
+	o.unaryInterceptors = append([]grpc.UnaryServerInterceptor{unaryAuth}, o.unaryInterceptors...)
+	o.streamInterceptors = append([]grpc.StreamServerInterceptor{streamAuth}, o.streamInterceptors...)
+
 	grpcServer := newGRPCServer(logger, rpcMetrics, o)
 	api.Register(grpcServer)
 	healthServer := health.NewServer()
 	healthpb.RegisterHealthServer(grpcServer, healthServer)
 	reflection.Register(grpcServer)
 	rpcMetrics.InitializeMetrics(grpcServer)
+	if err := checkPolicy(policy, grpcServer.GetServiceInfo()); err != nil {
+		pool.Close()
+		return nil, err
+	}
 
 	// health.NewServer starts with "" SERVING, but nothing is known about
 	// PostgreSQL until the first ping.
@@ -120,6 +144,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger, o options) 
 		logger:  logger,
 		pool:    pool,
 		service: service,
+		auth:    authenticator,
 		grpc:    grpcServer,
 		health:  healthServer,
 		metrics: newMetricsServer(registry, logger),
@@ -146,6 +171,7 @@ func (s *server) serve(ctx context.Context, grpcListener, metricsListener net.Li
 	watcher := databaseWatcher{pool: s.pool, health: s.health, interval: s.cfg.HealthInterval, logger: s.logger}
 	loops.Go(func() { watcher.run(watchCtx) })
 	loops.Go(func() { s.service.RunSweeper(sweepCtx, s.cfg.SweepInterval) })
+	loops.Go(func() { s.auth.Run(sweepCtx) })
 
 	s.logger.InfoContext(ctx, "metering server started",
 		"config", s.cfg,
@@ -292,4 +318,48 @@ func addrString(l net.Listener) string {
 	}
 
 	return l.Addr().String()
+}
+
+// publicMethods returns the rules of the methods that need no credential:
+// the gRPC health service, for load balancers, and server reflection, for
+// grpcurl.
+func publicMethods() auth.Policy {
+	public := auth.Rule{Public: true}
+	return auth.Policy{
+		healthpb.Health_Check_FullMethodName:                             public,
+		healthpb.Health_Watch_FullMethodName:                             public,
+		healthpb.Health_List_FullMethodName:                              public,
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      public,
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": public,
+	}
+}
+
+// checkPolicy returns an error when a rule is malformed, a registered method
+// has no rule (every call to it would be denied), or a rule names a method
+// the server does not have (a typo that leaves the real method unlisted).
+func checkPolicy(policy auth.Policy, info map[string]grpc.ServiceInfo) error {
+	if err := policy.Validate(); err != nil {
+		return fmt.Errorf("invalid authorization policy: %w", err)
+	}
+	if missing := policy.Missing(info); len(missing) > 0 {
+		return fmt.Errorf("methods without an authorization rule, which would deny every call: %v", missing)
+	}
+	if unused := policy.Unused(info); len(unused) > 0 {
+		return fmt.Errorf("authorization rules for methods the server does not have: %v", unused)
+	}
+	return nil
+}
+
+// MissingRules returns the methods registered on the metering server that
+// have no authorization rule, which Run refuses to start with.
+func MissingRules() []string {
+	policy := meteringapi.Policy()
+	for method, rule := range publicMethods() {
+		policy[method] = rule
+	}
+	s := grpc.NewServer()
+	meteringapi.New(nil, nil, nil).Register(s)
+	healthpb.RegisterHealthServer(s, health.NewServer())
+	reflection.Register(s)
+	return policy.Missing(s.GetServiceInfo())
 }

@@ -449,13 +449,13 @@ func closedAddr(t *testing.T) string {
 
 // queryRow runs query on a connection of its own to databaseURL, closed at
 // the end of the test.
-func queryRow(t *testing.T, databaseURL, query string) pgx.Row {
+func queryRow(t *testing.T, databaseURL, query string, args ...any) pgx.Row {
 	t.Helper()
 	conn, err := pgx.Connect(t.Context(), databaseURL)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = conn.Close(context.Background()) })
 
-	return conn.QueryRow(t.Context(), query)
+	return conn.QueryRow(t.Context(), query, args...)
 }
 
 func parseDatabaseURL(t *testing.T, databaseURL string) *url.URL {

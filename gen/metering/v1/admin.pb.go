@@ -956,6 +956,432 @@ func (x *AdjustUsageResponse) GetReplayed() bool {
 	return false
 }
 
+// ServiceToken describes a service token. The secret is never returned after
+// IssueServiceToken.
+type ServiceToken struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	// What the token is for, such as "workspace" or "runtime worker 7".
+	Name string `protobuf:"bytes,2,opt,name=name" json:"name,omitempty"`
+	// The account the token is bound to; empty means all accounts.
+	AccountId string `protobuf:"bytes,3,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	// The agent a runtime worker's token is bound to, if any.
+	AgentId string `protobuf:"bytes,4,opt,name=agent_id,json=agentId" json:"agent_id,omitempty"`
+	// Any of "usage:read", "usage:write" and "admin".
+	Scopes     []string               `protobuf:"bytes,5,rep,name=scopes" json:"scopes,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=create_time,json=createTime" json:"create_time,omitempty"`
+	// Unset until the token is revoked.
+	RevokeTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=revoke_time,json=revokeTime" json:"revoke_time,omitempty"`
+	// Updated in the background, so it may lag a few seconds.
+	LastUseTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=last_use_time,json=lastUseTime" json:"last_use_time,omitempty"`
+	// Who issued the token.
+	CreatedBy     string `protobuf:"bytes,9,opt,name=created_by,json=createdBy" json:"created_by,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServiceToken) Reset() {
+	*x = ServiceToken{}
+	mi := &file_metering_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceToken) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceToken) ProtoMessage() {}
+
+func (x *ServiceToken) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceToken.ProtoReflect.Descriptor instead.
+func (*ServiceToken) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ServiceToken) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ServiceToken) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ServiceToken) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ServiceToken) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *ServiceToken) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *ServiceToken) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *ServiceToken) GetRevokeTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokeTime
+	}
+	return nil
+}
+
+func (x *ServiceToken) GetLastUseTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUseTime
+	}
+	return nil
+}
+
+func (x *ServiceToken) GetCreatedBy() string {
+	if x != nil {
+		return x.CreatedBy
+	}
+	return ""
+}
+
+type IssueServiceTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	// Optional: bind the token to one account. Empty means all accounts.
+	AccountId string `protobuf:"bytes,2,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	// Optional: bind the token to one agent of account_id.
+	AgentId       string   `protobuf:"bytes,3,opt,name=agent_id,json=agentId" json:"agent_id,omitempty"`
+	Scopes        []string `protobuf:"bytes,4,rep,name=scopes" json:"scopes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueServiceTokenRequest) Reset() {
+	*x = IssueServiceTokenRequest{}
+	mi := &file_metering_v1_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueServiceTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueServiceTokenRequest) ProtoMessage() {}
+
+func (x *IssueServiceTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueServiceTokenRequest.ProtoReflect.Descriptor instead.
+func (*IssueServiceTokenRequest) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *IssueServiceTokenRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *IssueServiceTokenRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *IssueServiceTokenRequest) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *IssueServiceTokenRequest) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+type IssueServiceTokenResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Token *ServiceToken          `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
+	// Send it in the x-service-token metadata. Shown only once.
+	Plaintext     string `protobuf:"bytes,2,opt,name=plaintext" json:"plaintext,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueServiceTokenResponse) Reset() {
+	*x = IssueServiceTokenResponse{}
+	mi := &file_metering_v1_admin_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueServiceTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueServiceTokenResponse) ProtoMessage() {}
+
+func (x *IssueServiceTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueServiceTokenResponse.ProtoReflect.Descriptor instead.
+func (*IssueServiceTokenResponse) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *IssueServiceTokenResponse) GetToken() *ServiceToken {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
+func (x *IssueServiceTokenResponse) GetPlaintext() string {
+	if x != nil {
+		return x.Plaintext
+	}
+	return ""
+}
+
+type ListServiceTokensRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Optional: only tokens bound to this account.
+	AccountId string `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
+	// Also list revoked tokens.
+	IncludeRevoked bool `protobuf:"varint,2,opt,name=include_revoked,json=includeRevoked" json:"include_revoked,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ListServiceTokensRequest) Reset() {
+	*x = ListServiceTokensRequest{}
+	mi := &file_metering_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListServiceTokensRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListServiceTokensRequest) ProtoMessage() {}
+
+func (x *ListServiceTokensRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListServiceTokensRequest.ProtoReflect.Descriptor instead.
+func (*ListServiceTokensRequest) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ListServiceTokensRequest) GetAccountId() string {
+	if x != nil {
+		return x.AccountId
+	}
+	return ""
+}
+
+func (x *ListServiceTokensRequest) GetIncludeRevoked() bool {
+	if x != nil {
+		return x.IncludeRevoked
+	}
+	return false
+}
+
+type ListServiceTokensResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        []*ServiceToken        `protobuf:"bytes,1,rep,name=tokens" json:"tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListServiceTokensResponse) Reset() {
+	*x = ListServiceTokensResponse{}
+	mi := &file_metering_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListServiceTokensResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListServiceTokensResponse) ProtoMessage() {}
+
+func (x *ListServiceTokensResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListServiceTokensResponse.ProtoReflect.Descriptor instead.
+func (*ListServiceTokensResponse) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ListServiceTokensResponse) GetTokens() []*ServiceToken {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+type RevokeServiceTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeServiceTokenRequest) Reset() {
+	*x = RevokeServiceTokenRequest{}
+	mi := &file_metering_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeServiceTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeServiceTokenRequest) ProtoMessage() {}
+
+func (x *RevokeServiceTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeServiceTokenRequest.ProtoReflect.Descriptor instead.
+func (*RevokeServiceTokenRequest) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RevokeServiceTokenRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type RevokeServiceTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         *ServiceToken          `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeServiceTokenResponse) Reset() {
+	*x = RevokeServiceTokenResponse{}
+	mi := &file_metering_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeServiceTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeServiceTokenResponse) ProtoMessage() {}
+
+func (x *RevokeServiceTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_metering_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeServiceTokenResponse.ProtoReflect.Descriptor instead.
+func (*RevokeServiceTokenResponse) Descriptor() ([]byte, []int) {
+	return file_metering_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RevokeServiceTokenResponse) GetToken() *ServiceToken {
+	if x != nil {
+		return x.Token
+	}
+	return nil
+}
+
 var File_metering_v1_admin_proto protoreflect.FileDescriptor
 
 const file_metering_v1_admin_proto_rawDesc = "" +
@@ -1029,7 +1455,40 @@ const file_metering_v1_admin_proto_rawDesc = "" +
 	"\x0fidempotency_key\x18\x06 \x01(\tR\x0eidempotencyKey\"a\n" +
 	"\x13AdjustUsageResponse\x12.\n" +
 	"\x05usage\x18\x01 \x01(\v2\x18.metering.v1.MetricUsageR\x05usage\x12\x1a\n" +
-	"\breplayed\x18\x02 \x01(\bR\breplayed2\x8e\x04\n" +
+	"\breplayed\x18\x02 \x01(\bR\breplayed\"\xdd\x02\n" +
+	"\fServiceToken\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x03 \x01(\tR\taccountId\x12\x19\n" +
+	"\bagent_id\x18\x04 \x01(\tR\aagentId\x12\x16\n" +
+	"\x06scopes\x18\x05 \x03(\tR\x06scopes\x12;\n" +
+	"\vcreate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vrevoke_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"revokeTime\x12>\n" +
+	"\rlast_use_time\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\vlastUseTime\x12\x1d\n" +
+	"\n" +
+	"created_by\x18\t \x01(\tR\tcreatedBy\"\x80\x01\n" +
+	"\x18IssueServiceTokenRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x02 \x01(\tR\taccountId\x12\x19\n" +
+	"\bagent_id\x18\x03 \x01(\tR\aagentId\x12\x16\n" +
+	"\x06scopes\x18\x04 \x03(\tR\x06scopes\"j\n" +
+	"\x19IssueServiceTokenResponse\x12/\n" +
+	"\x05token\x18\x01 \x01(\v2\x19.metering.v1.ServiceTokenR\x05token\x12\x1c\n" +
+	"\tplaintext\x18\x02 \x01(\tR\tplaintext\"b\n" +
+	"\x18ListServiceTokensRequest\x12\x1d\n" +
+	"\n" +
+	"account_id\x18\x01 \x01(\tR\taccountId\x12'\n" +
+	"\x0finclude_revoked\x18\x02 \x01(\bR\x0eincludeRevoked\"N\n" +
+	"\x19ListServiceTokensResponse\x121\n" +
+	"\x06tokens\x18\x01 \x03(\v2\x19.metering.v1.ServiceTokenR\x06tokens\"+\n" +
+	"\x19RevokeServiceTokenRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"M\n" +
+	"\x1aRevokeServiceTokenResponse\x12/\n" +
+	"\x05token\x18\x01 \x01(\v2\x19.metering.v1.ServiceTokenR\x05token2\xbd\x06\n" +
 	"\x14MeteringAdminService\x12M\n" +
 	"\n" +
 	"UpsertPlan\x12\x1e.metering.v1.UpsertPlanRequest\x1a\x1f.metering.v1.UpsertPlanResponse\x12J\n" +
@@ -1038,7 +1497,10 @@ const file_metering_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"GetAccount\x12\x1e.metering.v1.GetAccountRequest\x1a\x1f.metering.v1.GetAccountResponse\x12_\n" +
 	"\x10ListReservations\x12$.metering.v1.ListReservationsRequest\x1a%.metering.v1.ListReservationsResponse\x12P\n" +
-	"\vAdjustUsage\x12\x1f.metering.v1.AdjustUsageRequest\x1a .metering.v1.AdjustUsageResponseB\xaa\x01\n" +
+	"\vAdjustUsage\x12\x1f.metering.v1.AdjustUsageRequest\x1a .metering.v1.AdjustUsageResponse\x12b\n" +
+	"\x11IssueServiceToken\x12%.metering.v1.IssueServiceTokenRequest\x1a&.metering.v1.IssueServiceTokenResponse\x12b\n" +
+	"\x11ListServiceTokens\x12%.metering.v1.ListServiceTokensRequest\x1a&.metering.v1.ListServiceTokensResponse\x12e\n" +
+	"\x12RevokeServiceToken\x12&.metering.v1.RevokeServiceTokenRequest\x1a'.metering.v1.RevokeServiceTokenResponseB\xaa\x01\n" +
 	"\x0fcom.metering.v1B\n" +
 	"AdminProtoP\x01Z7github.com/metering/metering/gen/metering/v1;meteringv1\xa2\x02\x03MXX\xaa\x02\vMetering.V1\xca\x02\vMetering\\V1\xe2\x02\x17Metering\\V1\\GPBMetadata\xea\x02\fMetering::V1\x92\x03\x04\b\x02 \x03b\beditionsp\xe8\a"
 
@@ -1054,71 +1516,90 @@ func file_metering_v1_admin_proto_rawDescGZIP() []byte {
 	return file_metering_v1_admin_proto_rawDescData
 }
 
-var file_metering_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_metering_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_metering_v1_admin_proto_goTypes = []any{
-	(*Limit)(nil),                    // 0: metering.v1.Limit
-	(*Plan)(nil),                     // 1: metering.v1.Plan
-	(*Account)(nil),                  // 2: metering.v1.Account
-	(*UpsertPlanRequest)(nil),        // 3: metering.v1.UpsertPlanRequest
-	(*UpsertPlanResponse)(nil),       // 4: metering.v1.UpsertPlanResponse
-	(*ListPlansRequest)(nil),         // 5: metering.v1.ListPlansRequest
-	(*ListPlansResponse)(nil),        // 6: metering.v1.ListPlansResponse
-	(*SetAccountPlanRequest)(nil),    // 7: metering.v1.SetAccountPlanRequest
-	(*SetAccountPlanResponse)(nil),   // 8: metering.v1.SetAccountPlanResponse
-	(*GetAccountRequest)(nil),        // 9: metering.v1.GetAccountRequest
-	(*GetAccountResponse)(nil),       // 10: metering.v1.GetAccountResponse
-	(*ListReservationsRequest)(nil),  // 11: metering.v1.ListReservationsRequest
-	(*ListReservationsResponse)(nil), // 12: metering.v1.ListReservationsResponse
-	(*AdjustUsageRequest)(nil),       // 13: metering.v1.AdjustUsageRequest
-	(*AdjustUsageResponse)(nil),      // 14: metering.v1.AdjustUsageResponse
-	(Metric)(0),                      // 15: metering.v1.Metric
-	(LimitScope)(0),                  // 16: metering.v1.LimitScope
-	(*timestamppb.Timestamp)(nil),    // 17: google.protobuf.Timestamp
-	(EnforcementMode)(0),             // 18: metering.v1.EnforcementMode
-	(ReservationState)(0),            // 19: metering.v1.ReservationState
-	(*Reservation)(nil),              // 20: metering.v1.Reservation
-	(*MetricUsage)(nil),              // 21: metering.v1.MetricUsage
+	(*Limit)(nil),                      // 0: metering.v1.Limit
+	(*Plan)(nil),                       // 1: metering.v1.Plan
+	(*Account)(nil),                    // 2: metering.v1.Account
+	(*UpsertPlanRequest)(nil),          // 3: metering.v1.UpsertPlanRequest
+	(*UpsertPlanResponse)(nil),         // 4: metering.v1.UpsertPlanResponse
+	(*ListPlansRequest)(nil),           // 5: metering.v1.ListPlansRequest
+	(*ListPlansResponse)(nil),          // 6: metering.v1.ListPlansResponse
+	(*SetAccountPlanRequest)(nil),      // 7: metering.v1.SetAccountPlanRequest
+	(*SetAccountPlanResponse)(nil),     // 8: metering.v1.SetAccountPlanResponse
+	(*GetAccountRequest)(nil),          // 9: metering.v1.GetAccountRequest
+	(*GetAccountResponse)(nil),         // 10: metering.v1.GetAccountResponse
+	(*ListReservationsRequest)(nil),    // 11: metering.v1.ListReservationsRequest
+	(*ListReservationsResponse)(nil),   // 12: metering.v1.ListReservationsResponse
+	(*AdjustUsageRequest)(nil),         // 13: metering.v1.AdjustUsageRequest
+	(*AdjustUsageResponse)(nil),        // 14: metering.v1.AdjustUsageResponse
+	(*ServiceToken)(nil),               // 15: metering.v1.ServiceToken
+	(*IssueServiceTokenRequest)(nil),   // 16: metering.v1.IssueServiceTokenRequest
+	(*IssueServiceTokenResponse)(nil),  // 17: metering.v1.IssueServiceTokenResponse
+	(*ListServiceTokensRequest)(nil),   // 18: metering.v1.ListServiceTokensRequest
+	(*ListServiceTokensResponse)(nil),  // 19: metering.v1.ListServiceTokensResponse
+	(*RevokeServiceTokenRequest)(nil),  // 20: metering.v1.RevokeServiceTokenRequest
+	(*RevokeServiceTokenResponse)(nil), // 21: metering.v1.RevokeServiceTokenResponse
+	(Metric)(0),                        // 22: metering.v1.Metric
+	(LimitScope)(0),                    // 23: metering.v1.LimitScope
+	(*timestamppb.Timestamp)(nil),      // 24: google.protobuf.Timestamp
+	(EnforcementMode)(0),               // 25: metering.v1.EnforcementMode
+	(ReservationState)(0),              // 26: metering.v1.ReservationState
+	(*Reservation)(nil),                // 27: metering.v1.Reservation
+	(*MetricUsage)(nil),                // 28: metering.v1.MetricUsage
 }
 var file_metering_v1_admin_proto_depIdxs = []int32{
-	15, // 0: metering.v1.Limit.metric:type_name -> metering.v1.Metric
-	16, // 1: metering.v1.Limit.scope:type_name -> metering.v1.LimitScope
+	22, // 0: metering.v1.Limit.metric:type_name -> metering.v1.Metric
+	23, // 1: metering.v1.Limit.scope:type_name -> metering.v1.LimitScope
 	0,  // 2: metering.v1.Plan.limits:type_name -> metering.v1.Limit
-	17, // 3: metering.v1.Plan.create_time:type_name -> google.protobuf.Timestamp
-	17, // 4: metering.v1.Plan.update_time:type_name -> google.protobuf.Timestamp
-	17, // 5: metering.v1.Account.billing_anchor:type_name -> google.protobuf.Timestamp
-	18, // 6: metering.v1.Account.enforcement_mode:type_name -> metering.v1.EnforcementMode
-	17, // 7: metering.v1.Account.create_time:type_name -> google.protobuf.Timestamp
-	17, // 8: metering.v1.Account.update_time:type_name -> google.protobuf.Timestamp
+	24, // 3: metering.v1.Plan.create_time:type_name -> google.protobuf.Timestamp
+	24, // 4: metering.v1.Plan.update_time:type_name -> google.protobuf.Timestamp
+	24, // 5: metering.v1.Account.billing_anchor:type_name -> google.protobuf.Timestamp
+	25, // 6: metering.v1.Account.enforcement_mode:type_name -> metering.v1.EnforcementMode
+	24, // 7: metering.v1.Account.create_time:type_name -> google.protobuf.Timestamp
+	24, // 8: metering.v1.Account.update_time:type_name -> google.protobuf.Timestamp
 	1,  // 9: metering.v1.UpsertPlanRequest.plan:type_name -> metering.v1.Plan
 	1,  // 10: metering.v1.UpsertPlanResponse.plan:type_name -> metering.v1.Plan
 	1,  // 11: metering.v1.ListPlansResponse.plans:type_name -> metering.v1.Plan
-	17, // 12: metering.v1.SetAccountPlanRequest.billing_anchor:type_name -> google.protobuf.Timestamp
-	18, // 13: metering.v1.SetAccountPlanRequest.enforcement_mode:type_name -> metering.v1.EnforcementMode
+	24, // 12: metering.v1.SetAccountPlanRequest.billing_anchor:type_name -> google.protobuf.Timestamp
+	25, // 13: metering.v1.SetAccountPlanRequest.enforcement_mode:type_name -> metering.v1.EnforcementMode
 	2,  // 14: metering.v1.SetAccountPlanResponse.account:type_name -> metering.v1.Account
 	2,  // 15: metering.v1.GetAccountResponse.account:type_name -> metering.v1.Account
-	17, // 16: metering.v1.GetAccountResponse.period_start:type_name -> google.protobuf.Timestamp
-	17, // 17: metering.v1.GetAccountResponse.period_end:type_name -> google.protobuf.Timestamp
-	19, // 18: metering.v1.ListReservationsRequest.states:type_name -> metering.v1.ReservationState
-	20, // 19: metering.v1.ListReservationsResponse.reservations:type_name -> metering.v1.Reservation
-	15, // 20: metering.v1.AdjustUsageRequest.metric:type_name -> metering.v1.Metric
-	21, // 21: metering.v1.AdjustUsageResponse.usage:type_name -> metering.v1.MetricUsage
-	3,  // 22: metering.v1.MeteringAdminService.UpsertPlan:input_type -> metering.v1.UpsertPlanRequest
-	5,  // 23: metering.v1.MeteringAdminService.ListPlans:input_type -> metering.v1.ListPlansRequest
-	7,  // 24: metering.v1.MeteringAdminService.SetAccountPlan:input_type -> metering.v1.SetAccountPlanRequest
-	9,  // 25: metering.v1.MeteringAdminService.GetAccount:input_type -> metering.v1.GetAccountRequest
-	11, // 26: metering.v1.MeteringAdminService.ListReservations:input_type -> metering.v1.ListReservationsRequest
-	13, // 27: metering.v1.MeteringAdminService.AdjustUsage:input_type -> metering.v1.AdjustUsageRequest
-	4,  // 28: metering.v1.MeteringAdminService.UpsertPlan:output_type -> metering.v1.UpsertPlanResponse
-	6,  // 29: metering.v1.MeteringAdminService.ListPlans:output_type -> metering.v1.ListPlansResponse
-	8,  // 30: metering.v1.MeteringAdminService.SetAccountPlan:output_type -> metering.v1.SetAccountPlanResponse
-	10, // 31: metering.v1.MeteringAdminService.GetAccount:output_type -> metering.v1.GetAccountResponse
-	12, // 32: metering.v1.MeteringAdminService.ListReservations:output_type -> metering.v1.ListReservationsResponse
-	14, // 33: metering.v1.MeteringAdminService.AdjustUsage:output_type -> metering.v1.AdjustUsageResponse
-	28, // [28:34] is the sub-list for method output_type
-	22, // [22:28] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	24, // 16: metering.v1.GetAccountResponse.period_start:type_name -> google.protobuf.Timestamp
+	24, // 17: metering.v1.GetAccountResponse.period_end:type_name -> google.protobuf.Timestamp
+	26, // 18: metering.v1.ListReservationsRequest.states:type_name -> metering.v1.ReservationState
+	27, // 19: metering.v1.ListReservationsResponse.reservations:type_name -> metering.v1.Reservation
+	22, // 20: metering.v1.AdjustUsageRequest.metric:type_name -> metering.v1.Metric
+	28, // 21: metering.v1.AdjustUsageResponse.usage:type_name -> metering.v1.MetricUsage
+	24, // 22: metering.v1.ServiceToken.create_time:type_name -> google.protobuf.Timestamp
+	24, // 23: metering.v1.ServiceToken.revoke_time:type_name -> google.protobuf.Timestamp
+	24, // 24: metering.v1.ServiceToken.last_use_time:type_name -> google.protobuf.Timestamp
+	15, // 25: metering.v1.IssueServiceTokenResponse.token:type_name -> metering.v1.ServiceToken
+	15, // 26: metering.v1.ListServiceTokensResponse.tokens:type_name -> metering.v1.ServiceToken
+	15, // 27: metering.v1.RevokeServiceTokenResponse.token:type_name -> metering.v1.ServiceToken
+	3,  // 28: metering.v1.MeteringAdminService.UpsertPlan:input_type -> metering.v1.UpsertPlanRequest
+	5,  // 29: metering.v1.MeteringAdminService.ListPlans:input_type -> metering.v1.ListPlansRequest
+	7,  // 30: metering.v1.MeteringAdminService.SetAccountPlan:input_type -> metering.v1.SetAccountPlanRequest
+	9,  // 31: metering.v1.MeteringAdminService.GetAccount:input_type -> metering.v1.GetAccountRequest
+	11, // 32: metering.v1.MeteringAdminService.ListReservations:input_type -> metering.v1.ListReservationsRequest
+	13, // 33: metering.v1.MeteringAdminService.AdjustUsage:input_type -> metering.v1.AdjustUsageRequest
+	16, // 34: metering.v1.MeteringAdminService.IssueServiceToken:input_type -> metering.v1.IssueServiceTokenRequest
+	18, // 35: metering.v1.MeteringAdminService.ListServiceTokens:input_type -> metering.v1.ListServiceTokensRequest
+	20, // 36: metering.v1.MeteringAdminService.RevokeServiceToken:input_type -> metering.v1.RevokeServiceTokenRequest
+	4,  // 37: metering.v1.MeteringAdminService.UpsertPlan:output_type -> metering.v1.UpsertPlanResponse
+	6,  // 38: metering.v1.MeteringAdminService.ListPlans:output_type -> metering.v1.ListPlansResponse
+	8,  // 39: metering.v1.MeteringAdminService.SetAccountPlan:output_type -> metering.v1.SetAccountPlanResponse
+	10, // 40: metering.v1.MeteringAdminService.GetAccount:output_type -> metering.v1.GetAccountResponse
+	12, // 41: metering.v1.MeteringAdminService.ListReservations:output_type -> metering.v1.ListReservationsResponse
+	14, // 42: metering.v1.MeteringAdminService.AdjustUsage:output_type -> metering.v1.AdjustUsageResponse
+	17, // 43: metering.v1.MeteringAdminService.IssueServiceToken:output_type -> metering.v1.IssueServiceTokenResponse
+	19, // 44: metering.v1.MeteringAdminService.ListServiceTokens:output_type -> metering.v1.ListServiceTokensResponse
+	21, // 45: metering.v1.MeteringAdminService.RevokeServiceToken:output_type -> metering.v1.RevokeServiceTokenResponse
+	37, // [37:46] is the sub-list for method output_type
+	28, // [28:37] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_metering_v1_admin_proto_init() }
@@ -1137,7 +1618,7 @@ func file_metering_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_metering_v1_admin_proto_rawDesc), len(file_metering_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

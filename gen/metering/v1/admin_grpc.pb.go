@@ -19,12 +19,15 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	MeteringAdminService_UpsertPlan_FullMethodName       = "/metering.v1.MeteringAdminService/UpsertPlan"
-	MeteringAdminService_ListPlans_FullMethodName        = "/metering.v1.MeteringAdminService/ListPlans"
-	MeteringAdminService_SetAccountPlan_FullMethodName   = "/metering.v1.MeteringAdminService/SetAccountPlan"
-	MeteringAdminService_GetAccount_FullMethodName       = "/metering.v1.MeteringAdminService/GetAccount"
-	MeteringAdminService_ListReservations_FullMethodName = "/metering.v1.MeteringAdminService/ListReservations"
-	MeteringAdminService_AdjustUsage_FullMethodName      = "/metering.v1.MeteringAdminService/AdjustUsage"
+	MeteringAdminService_UpsertPlan_FullMethodName         = "/metering.v1.MeteringAdminService/UpsertPlan"
+	MeteringAdminService_ListPlans_FullMethodName          = "/metering.v1.MeteringAdminService/ListPlans"
+	MeteringAdminService_SetAccountPlan_FullMethodName     = "/metering.v1.MeteringAdminService/SetAccountPlan"
+	MeteringAdminService_GetAccount_FullMethodName         = "/metering.v1.MeteringAdminService/GetAccount"
+	MeteringAdminService_ListReservations_FullMethodName   = "/metering.v1.MeteringAdminService/ListReservations"
+	MeteringAdminService_AdjustUsage_FullMethodName        = "/metering.v1.MeteringAdminService/AdjustUsage"
+	MeteringAdminService_IssueServiceToken_FullMethodName  = "/metering.v1.MeteringAdminService/IssueServiceToken"
+	MeteringAdminService_ListServiceTokens_FullMethodName  = "/metering.v1.MeteringAdminService/ListServiceTokens"
+	MeteringAdminService_RevokeServiceToken_FullMethodName = "/metering.v1.MeteringAdminService/RevokeServiceToken"
 )
 
 // MeteringAdminServiceClient is the client API for MeteringAdminService service.
@@ -48,6 +51,15 @@ type MeteringAdminServiceClient interface {
 	ListReservations(ctx context.Context, in *ListReservationsRequest, opts ...grpc.CallOption) (*ListReservationsResponse, error)
 	// AdjustUsage corrects a counter by a signed amount and records the reason.
 	AdjustUsage(ctx context.Context, in *AdjustUsageRequest, opts ...grpc.CallOption) (*AdjustUsageResponse, error)
+	// IssueServiceToken creates a service token and returns its plaintext,
+	// which is shown only in this response: only its SHA-256 hash is stored.
+	IssueServiceToken(ctx context.Context, in *IssueServiceTokenRequest, opts ...grpc.CallOption) (*IssueServiceTokenResponse, error)
+	// ListServiceTokens returns service tokens without their secrets, newest
+	// first.
+	ListServiceTokens(ctx context.Context, in *ListServiceTokensRequest, opts ...grpc.CallOption) (*ListServiceTokensResponse, error)
+	// RevokeServiceToken stops a token from working within the verification
+	// cache's lifetime (at most 5 seconds). Revoking twice succeeds.
+	RevokeServiceToken(ctx context.Context, in *RevokeServiceTokenRequest, opts ...grpc.CallOption) (*RevokeServiceTokenResponse, error)
 }
 
 type meteringAdminServiceClient struct {
@@ -118,6 +130,36 @@ func (c *meteringAdminServiceClient) AdjustUsage(ctx context.Context, in *Adjust
 	return out, nil
 }
 
+func (c *meteringAdminServiceClient) IssueServiceToken(ctx context.Context, in *IssueServiceTokenRequest, opts ...grpc.CallOption) (*IssueServiceTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(IssueServiceTokenResponse)
+	err := c.cc.Invoke(ctx, MeteringAdminService_IssueServiceToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *meteringAdminServiceClient) ListServiceTokens(ctx context.Context, in *ListServiceTokensRequest, opts ...grpc.CallOption) (*ListServiceTokensResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListServiceTokensResponse)
+	err := c.cc.Invoke(ctx, MeteringAdminService_ListServiceTokens_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *meteringAdminServiceClient) RevokeServiceToken(ctx context.Context, in *RevokeServiceTokenRequest, opts ...grpc.CallOption) (*RevokeServiceTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RevokeServiceTokenResponse)
+	err := c.cc.Invoke(ctx, MeteringAdminService_RevokeServiceToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MeteringAdminServiceServer is the server API for MeteringAdminService service.
 // All implementations must embed UnimplementedMeteringAdminServiceServer
 // for forward compatibility.
@@ -139,6 +181,15 @@ type MeteringAdminServiceServer interface {
 	ListReservations(context.Context, *ListReservationsRequest) (*ListReservationsResponse, error)
 	// AdjustUsage corrects a counter by a signed amount and records the reason.
 	AdjustUsage(context.Context, *AdjustUsageRequest) (*AdjustUsageResponse, error)
+	// IssueServiceToken creates a service token and returns its plaintext,
+	// which is shown only in this response: only its SHA-256 hash is stored.
+	IssueServiceToken(context.Context, *IssueServiceTokenRequest) (*IssueServiceTokenResponse, error)
+	// ListServiceTokens returns service tokens without their secrets, newest
+	// first.
+	ListServiceTokens(context.Context, *ListServiceTokensRequest) (*ListServiceTokensResponse, error)
+	// RevokeServiceToken stops a token from working within the verification
+	// cache's lifetime (at most 5 seconds). Revoking twice succeeds.
+	RevokeServiceToken(context.Context, *RevokeServiceTokenRequest) (*RevokeServiceTokenResponse, error)
 	mustEmbedUnimplementedMeteringAdminServiceServer()
 }
 
@@ -166,6 +217,15 @@ func (UnimplementedMeteringAdminServiceServer) ListReservations(context.Context,
 }
 func (UnimplementedMeteringAdminServiceServer) AdjustUsage(context.Context, *AdjustUsageRequest) (*AdjustUsageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AdjustUsage not implemented")
+}
+func (UnimplementedMeteringAdminServiceServer) IssueServiceToken(context.Context, *IssueServiceTokenRequest) (*IssueServiceTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method IssueServiceToken not implemented")
+}
+func (UnimplementedMeteringAdminServiceServer) ListServiceTokens(context.Context, *ListServiceTokensRequest) (*ListServiceTokensResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListServiceTokens not implemented")
+}
+func (UnimplementedMeteringAdminServiceServer) RevokeServiceToken(context.Context, *RevokeServiceTokenRequest) (*RevokeServiceTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeServiceToken not implemented")
 }
 func (UnimplementedMeteringAdminServiceServer) mustEmbedUnimplementedMeteringAdminServiceServer() {}
 func (UnimplementedMeteringAdminServiceServer) testEmbeddedByValue()                              {}
@@ -296,6 +356,60 @@ func _MeteringAdminService_AdjustUsage_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MeteringAdminService_IssueServiceToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(IssueServiceTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MeteringAdminServiceServer).IssueServiceToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MeteringAdminService_IssueServiceToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MeteringAdminServiceServer).IssueServiceToken(ctx, req.(*IssueServiceTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MeteringAdminService_ListServiceTokens_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListServiceTokensRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MeteringAdminServiceServer).ListServiceTokens(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MeteringAdminService_ListServiceTokens_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MeteringAdminServiceServer).ListServiceTokens(ctx, req.(*ListServiceTokensRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MeteringAdminService_RevokeServiceToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeServiceTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MeteringAdminServiceServer).RevokeServiceToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MeteringAdminService_RevokeServiceToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MeteringAdminServiceServer).RevokeServiceToken(ctx, req.(*RevokeServiceTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MeteringAdminService_ServiceDesc is the grpc.ServiceDesc for MeteringAdminService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -326,6 +440,18 @@ var MeteringAdminService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AdjustUsage",
 			Handler:    _MeteringAdminService_AdjustUsage_Handler,
+		},
+		{
+			MethodName: "IssueServiceToken",
+			Handler:    _MeteringAdminService_IssueServiceToken_Handler,
+		},
+		{
+			MethodName: "ListServiceTokens",
+			Handler:    _MeteringAdminService_ListServiceTokens_Handler,
+		},
+		{
+			MethodName: "RevokeServiceToken",
+			Handler:    _MeteringAdminService_RevokeServiceToken_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

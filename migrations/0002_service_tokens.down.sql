@@ -1,0 +1,1 @@
+DROP TABLE metering.service_tokens;
