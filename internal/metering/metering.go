@@ -25,7 +25,7 @@ const (
 	StorageBytes Metric = "storage_bytes"
 )
 
-// Kind says how a counter behaves.
+// Kind is the behaviour of a counter over time.
 type Kind string
 
 // The kinds of counter.
@@ -36,7 +36,7 @@ const (
 	RunningTotal Kind = "running"
 )
 
-// Scope says what a limit applies to.
+// Scope is the extent of a limit: the whole account or each parent.
 type Scope string
 
 // The scopes of a limit.
@@ -99,7 +99,7 @@ const (
 	TrackOnly Enforcement = "track_only"
 )
 
-// State is where a reservation is in its life.
+// State is the stage of a reservation.
 type State string
 
 // The reservation states.
@@ -137,7 +137,7 @@ type Counter struct {
 	// Limit is nil when Unlimited is true.
 	Limit     *int64 `json:"limit"`
 	Unlimited bool   `json:"unlimited"`
-	// Requested is what the request adds to this counter.
+	// Requested is the amount the request adds to this counter.
 	Requested int64 `json:"requested"`
 	// Exceeded reports whether Used + Reserved + Requested is over Limit.
 	Exceeded bool `json:"exceeded"`

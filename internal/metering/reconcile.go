@@ -19,8 +19,8 @@ type Mismatch struct {
 }
 
 // Reconcile compares every counter with the sum of the usage events written
-// for it and returns the counters that differ; none means the counters match
-// the ledger. It reads all accounts in one snapshot, so it costs a scan of
+// for it and returns the counters that differ. An empty result means the
+// counters match the ledger. It reads all accounts in one snapshot, so it costs a scan of
 // the ledger and is meant for tests and operators, not the hot path.
 func (s *Service) Reconcile(ctx context.Context) ([]Mismatch, error) {
 	const query = `

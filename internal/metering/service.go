@@ -49,7 +49,7 @@ func New(cfg Config) *Service {
 // ReserveRequest is a validated CheckAndReserve request.
 type ReserveRequest struct {
 	AccountID string
-	// Items name each metric at most once.
+	// Items name each metric at most once, as the API validation ensures.
 	Items          []Item
 	IdempotencyKey string
 	// RequestHash identifies the request for idempotency; required with a key.
@@ -282,7 +282,7 @@ func (s *Service) RecordUsage(ctx context.Context, req RecordRequest) (RecordRes
 
 // DeletionResult is the outcome of RecordDeletion.
 type DeletionResult struct {
-	// Subtracted is what the first deletion of the resource subtracted.
+	// Subtracted is the amount the first deletion of the resource subtracted.
 	Subtracted int64
 	// ParentID is the parent whose running total was lowered, if any.
 	ParentID string

@@ -99,7 +99,7 @@ func (s *Service) ListServiceTokens(ctx context.Context, accountID string, inclu
 	return tokens, nil
 }
 
-// RevokeServiceToken marks a token revoked; revoking a revoked token keeps
+// RevokeServiceToken marks a token revoked. Revoking a revoked token keeps
 // its first revoke time. It returns ErrTokenNotFound or ErrUnavailable.
 func (s *Service) RevokeServiceToken(ctx context.Context, id string) (ServiceTokenInfo, error) {
 	query := `UPDATE metering.service_tokens SET revoke_time = coalesce(revoke_time, $2)
