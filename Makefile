@@ -10,7 +10,7 @@ USE_LOCAL_DATABASE = DATABASE_URL="$${DATABASE_URL:-$$(go run ./cmd/localpg -dat
 # Development authentication: user JWTs are signed with an HS256 secret kept
 # in .data/dev-jwt-secret, created on first use. Production uses a JWKS file.
 DEV_JWT_SECRET_FILE = .data/dev-jwt-secret
-USE_DEV_AUTH = mkdir -p .data && { [ -s $(DEV_JWT_SECRET_FILE) ] || head -c 48 /dev/urandom | base64 > $(DEV_JWT_SECRET_FILE); } && \
+USE_DEV_AUTH = mkdir -p .data && { [ -s $(DEV_JWT_SECRET_FILE) ] || (umask 077 && head -c 48 /dev/urandom | base64 > $(DEV_JWT_SECRET_FILE)); } && \
 	export METERING_JWT_HS256_SECRET_FILE="$${METERING_JWT_HS256_SECRET_FILE:-$(DEV_JWT_SECRET_FILE)}" \
 		METERING_JWT_ISSUER="$${METERING_JWT_ISSUER:-metering-dev}" \
 		METERING_JWT_AUDIENCE="$${METERING_JWT_AUDIENCE:-metering}"

@@ -40,12 +40,18 @@ type IssueTokenRequest struct {
 }
 
 // IssueServiceToken creates a service token and returns it with its
-// plaintext, which is not stored: only its SHA-256 hash is.
+// plaintext, which is not stored: only its SHA-256 hash is. It returns an
+// *InvalidError for a request that breaks a rule of checkTokenRequest, and
+// ErrAccountNotFound for a token bound to an unknown account.
 func (s *Service) IssueServiceToken(ctx context.Context, req IssueTokenRequest) (ServiceTokenInfo, string, error) {
 	const query = `
 		INSERT INTO metering.service_tokens (id, name, token_hash, account_id, agent_id, scopes, created_by, create_time)
-		VALUES ($1, $2, $3, nullif($4, ''), nullif($5, ''), $6, $7, $8)`
+		SELECT $1, $2, $3, nullif($4, ''), nullif($5, ''), $6, $7, $8
+		WHERE $4 = '' OR EXISTS (SELECT 1 FROM metering.accounts WHERE id = $4)`
 
+	if err := checkTokenRequest(req); err != nil {
+		return ServiceTokenInfo{}, "", err
+	}
 	plaintext, hash, err := auth.GenerateServiceToken()
 	if err != nil {
 		return ServiceTokenInfo{}, "", fmt.Errorf("issue service token: %w", err)
@@ -64,11 +70,43 @@ func (s *Service) IssueServiceToken(ctx context.Context, req IssueTokenRequest) 
 		CreatedBy:  req.Actor,
 		CreateTime: s.now().UTC().Truncate(time.Microsecond),
 	}
-	_, err = s.pool.Exec(ctx, query, info.ID, info.Name, hash[:], info.AccountID, info.AgentID, info.Scopes, info.CreatedBy, info.CreateTime)
+	tag, err := s.pool.Exec(ctx, query, info.ID, info.Name, hash[:], info.AccountID, info.AgentID, info.Scopes, info.CreatedBy, info.CreateTime)
 	if err != nil {
 		return ServiceTokenInfo{}, "", fmt.Errorf("issue service token %q: %w", req.Name, translate(err))
 	}
+	if tag.RowsAffected() == 0 {
+		return ServiceTokenInfo{}, "", fmt.Errorf("issue service token for account %q: %w", req.AccountID, ErrAccountNotFound)
+	}
 	return info, plaintext, nil
+}
+
+// checkTokenRequest enforces the rules of a new token for every caller, the
+// admin RPC and the command line alike: a name, at least one known scope,
+// each once, an agent only within an account, and the admin scope only for
+// a token of all accounts, because admin methods are not scoped to one.
+func checkTokenRequest(req IssueTokenRequest) error {
+	switch {
+	case req.Name == "":
+		return &InvalidError{Field: "name", Description: "is required"}
+	case len(req.Scopes) == 0:
+		return &InvalidError{Field: "scopes", Description: "must contain at least one of usage:read, usage:write, admin"}
+	case req.AgentID != "" && req.AccountID == "":
+		return &InvalidError{Field: "agent_id", Description: "requires account_id: an agent belongs to one account"}
+	}
+	seen := make(map[string]bool)
+	for i, scope := range req.Scopes {
+		field := fmt.Sprintf("scopes[%d]", i)
+		switch {
+		case scope != auth.ScopeUsageRead && scope != auth.ScopeUsageWrite && scope != auth.ScopeAdmin:
+			return &InvalidError{Field: field, Description: "must be one of usage:read, usage:write, admin"}
+		case seen[scope]:
+			return &InvalidError{Field: field, Description: "must not repeat " + scope}
+		case scope == auth.ScopeAdmin && req.AccountID != "":
+			return &InvalidError{Field: field, Description: "admin requires a token for all accounts: leave account_id empty"}
+		}
+		seen[scope] = true
+	}
+	return nil
 }
 
 const tokenColumns = `id, name, coalesce(account_id, ''), coalesce(agent_id, ''), scopes, created_by,

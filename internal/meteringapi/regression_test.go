@@ -212,3 +212,36 @@ func (p *proxy) cutAll() {
 	}
 	p.conns = nil
 }
+
+// The command line issues tokens through the service without the RPC's
+// checks, so the service itself must enforce the token rules.
+func TestIssueServiceTokenRulesHoldWithoutRPC(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	e.account("a", "free")
+
+	tests := []struct {
+		name  string
+		req   metering.IssueTokenRequest
+		field string
+	}{
+		{"admin bound to an account", metering.IssueTokenRequest{Name: "x", AccountID: "a", Scopes: []string{"admin"}}, "scopes[0]"},
+		{"repeated scope", metering.IssueTokenRequest{Name: "x", Scopes: []string{"usage:write", "usage:write"}}, "scopes[1]"},
+		{"unknown scope", metering.IssueTokenRequest{Name: "x", Scopes: []string{"root"}}, "scopes[0]"},
+		{"agent without account", metering.IssueTokenRequest{Name: "x", AgentID: "ag", Scopes: []string{"usage:write"}}, "agent_id"},
+		{"no name", metering.IssueTokenRequest{Scopes: []string{"usage:write"}}, "name"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := e.svc.IssueServiceToken(e.ctx, tt.req)
+
+			var invalid *metering.InvalidError
+			require.ErrorAs(t, err, &invalid)
+			assert.Equal(t, tt.field, invalid.Field)
+		})
+	}
+
+	_, _, err := e.svc.IssueServiceToken(e.ctx, metering.IssueTokenRequest{Name: "x", AccountID: "nobody", Scopes: []string{"usage:read"}})
+	assert.ErrorIs(t, err, metering.ErrAccountNotFound)
+	assert.Equal(t, 0, e.count("service_tokens"))
+}

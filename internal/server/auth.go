@@ -51,8 +51,10 @@ func (c AuthConfig) validate() []error {
 			errs = append(errs, fmt.Errorf("Auth.JWTAudience (-%s, %s): required when a JWT key file is set", flagJWTAudience, envJWTAudience))
 		}
 	}
-	if c.JWTLeeway < 0 || c.JWTLeeway > auth.MaxLeeway {
-		errs = append(errs, fmt.Errorf("Auth.JWTLeeway (-%s, %s) %s: must be between 0 and %s", flagJWTLeeway, envJWTLeeway, c.JWTLeeway, auth.MaxLeeway))
+	// The auth package reads a zero leeway as "use the default", so zero is
+	// rejected here instead of silently becoming 30s.
+	if c.JWTLeeway <= 0 || c.JWTLeeway > auth.MaxLeeway {
+		errs = append(errs, fmt.Errorf("Auth.JWTLeeway (-%s, %s) %s: must be above 0 and at most %s", flagJWTLeeway, envJWTLeeway, c.JWTLeeway, auth.MaxLeeway))
 	}
 	if c.TokenCacheTTL <= 0 || c.TokenCacheTTL > auth.MaxTokenCacheTTL {
 		errs = append(errs, fmt.Errorf("Auth.TokenCacheTTL (-%s, %s) %s: must be above 0 and at most %s", flagTokenCacheTTL, envTokenCacheTTL, c.TokenCacheTTL, auth.MaxTokenCacheTTL))
@@ -73,20 +75,21 @@ func (c AuthConfig) authConfig(tokens auth.TokenStore, logger *slog.Logger) (aut
 	}
 	var err error
 	if c.JWTSecretFile != "" {
-		if cfg.HS256Secret, err = readKeyFile(c.JWTSecretFile); err != nil {
+		if cfg.HS256Secret, err = ReadKeyFile(c.JWTSecretFile); err != nil {
 			return auth.Config{}, fmt.Errorf("read the JWT secret file: %w", err)
 		}
 	}
 	if c.JWKSFile != "" {
-		if cfg.JWKS, err = readKeyFile(c.JWKSFile); err != nil {
+		if cfg.JWKS, err = ReadKeyFile(c.JWKSFile); err != nil {
 			return auth.Config{}, fmt.Errorf("read the JWKS file: %w", err)
 		}
 	}
 	return cfg, nil
 }
 
-// readKeyFile returns the contents of a key file without a trailing newline.
-func readKeyFile(path string) ([]byte, error) {
+// ReadKeyFile returns the contents of a key file, such as a JWT secret or a
+// service token, without trailing newlines. An empty file is an error.
+func ReadKeyFile(path string) ([]byte, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err

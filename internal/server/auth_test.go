@@ -27,6 +27,9 @@ const (
 	testAudience = "metering"
 	ownAccount   = "acct-a"
 	otherAccount = "acct-b"
+	// missingAccount exists nowhere: a caller bound to another account is
+	// denied before anything is looked up, so it learns nothing about it.
+	missingAccount = "acct-missing"
 )
 
 // authServer is a server with authentication and the credentials of every
@@ -96,11 +99,14 @@ func (s *authServer) call(ctx context.Context, md metadata.MD, method string, re
 	return s.conn.Invoke(metadata.NewOutgoingContext(ctx, md), method, req, resp)
 }
 
-// methodCall builds a request of one method for an account.
+// methodCall builds a request of one method for an account, with the codes
+// an allowed caller gets for an existing and for an unknown account.
 type methodCall struct {
-	method string
-	req    func(account string) proto.Message
-	resp   func() proto.Message
+	method      string
+	req         func(account string) proto.Message
+	resp        func() proto.Message
+	wantExists  codes.Code
+	wantMissing codes.Code
 }
 
 const missingReservation = "3b241101-e2bb-4255-8caf-4136c566a962"
@@ -110,61 +116,78 @@ var meteringCalls = []methodCall{
 		func(a string) proto.Message {
 			return &meteringv1.CheckAndReserveRequest{AccountId: a, Items: []*meteringv1.UsageItem{{Metric: meteringv1.Metric_METRIC_TASKS, Amount: 1}}}
 		},
-		func() proto.Message { return &meteringv1.CheckAndReserveResponse{} }},
+		func() proto.Message { return &meteringv1.CheckAndReserveResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringService_Commit_FullMethodName,
 		func(a string) proto.Message {
 			return &meteringv1.CommitRequest{AccountId: a, ReservationId: missingReservation}
 		},
-		func() proto.Message { return &meteringv1.CommitResponse{} }},
+		func() proto.Message { return &meteringv1.CommitResponse{} },
+		codes.NotFound, codes.NotFound},
 	{meteringv1.MeteringService_Release_FullMethodName,
 		func(a string) proto.Message {
 			return &meteringv1.ReleaseRequest{AccountId: a, ReservationId: missingReservation}
 		},
-		func() proto.Message { return &meteringv1.ReleaseResponse{} }},
+		func() proto.Message { return &meteringv1.ReleaseResponse{} },
+		codes.NotFound, codes.NotFound},
 	{meteringv1.MeteringService_RecordUsage_FullMethodName,
 		func(a string) proto.Message {
 			return &meteringv1.RecordUsageRequest{AccountId: a, Items: []*meteringv1.UsageItem{{Metric: meteringv1.Metric_METRIC_MESSAGES, Amount: 1}}}
 		},
-		func() proto.Message { return &meteringv1.RecordUsageResponse{} }},
+		func() proto.Message { return &meteringv1.RecordUsageResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringService_RecordDeletion_FullMethodName,
 		func(a string) proto.Message {
 			return &meteringv1.RecordDeletionRequest{AccountId: a, Metric: meteringv1.Metric_METRIC_AGENTS, ResourceId: "agent-1"}
 		},
-		func() proto.Message { return &meteringv1.RecordDeletionResponse{} }},
+		func() proto.Message { return &meteringv1.RecordDeletionResponse{} },
+		codes.NotFound, codes.NotFound},
 	{meteringv1.MeteringService_GetCurrentUsage_FullMethodName,
 		func(a string) proto.Message { return &meteringv1.GetCurrentUsageRequest{AccountId: a} },
-		func() proto.Message { return &meteringv1.GetCurrentUsageResponse{} }},
+		func() proto.Message { return &meteringv1.GetCurrentUsageResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringAdminService_UpsertPlan_FullMethodName,
 		func(string) proto.Message { return &meteringv1.UpsertPlanRequest{Plan: &meteringv1.Plan{Id: "p"}} },
-		func() proto.Message { return &meteringv1.UpsertPlanResponse{} }},
+		func() proto.Message { return &meteringv1.UpsertPlanResponse{} },
+		codes.InvalidArgument, codes.InvalidArgument},
 	{meteringv1.MeteringAdminService_ListPlans_FullMethodName,
 		func(string) proto.Message { return &meteringv1.ListPlansRequest{} },
-		func() proto.Message { return &meteringv1.ListPlansResponse{} }},
+		func() proto.Message { return &meteringv1.ListPlansResponse{} },
+		codes.OK, codes.OK},
 	{meteringv1.MeteringAdminService_SetAccountPlan_FullMethodName,
-		func(a string) proto.Message { return &meteringv1.SetAccountPlanRequest{AccountId: a, PlanId: "free"} },
-		func() proto.Message { return &meteringv1.SetAccountPlanResponse{} }},
+		func(a string) proto.Message {
+			return &meteringv1.SetAccountPlanRequest{AccountId: a, PlanId: "no-such-plan"}
+		},
+		func() proto.Message { return &meteringv1.SetAccountPlanResponse{} },
+		codes.NotFound, codes.NotFound},
 	{meteringv1.MeteringAdminService_GetAccount_FullMethodName,
 		func(a string) proto.Message { return &meteringv1.GetAccountRequest{AccountId: a} },
-		func() proto.Message { return &meteringv1.GetAccountResponse{} }},
+		func() proto.Message { return &meteringv1.GetAccountResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringAdminService_ListReservations_FullMethodName,
 		func(a string) proto.Message { return &meteringv1.ListReservationsRequest{AccountId: a} },
-		func() proto.Message { return &meteringv1.ListReservationsResponse{} }},
+		func() proto.Message { return &meteringv1.ListReservationsResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringAdminService_AdjustUsage_FullMethodName,
 		func(a string) proto.Message {
 			return &meteringv1.AdjustUsageRequest{AccountId: a, Metric: meteringv1.Metric_METRIC_TASKS, Delta: 1, Reason: "test"}
 		},
-		func() proto.Message { return &meteringv1.AdjustUsageResponse{} }},
+		func() proto.Message { return &meteringv1.AdjustUsageResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringAdminService_IssueServiceToken_FullMethodName,
 		func(a string) proto.Message {
 			return &meteringv1.IssueServiceTokenRequest{Name: "n", AccountId: a, Scopes: []string{auth.ScopeUsageRead}}
 		},
-		func() proto.Message { return &meteringv1.IssueServiceTokenResponse{} }},
+		func() proto.Message { return &meteringv1.IssueServiceTokenResponse{} },
+		codes.OK, codes.NotFound},
 	{meteringv1.MeteringAdminService_ListServiceTokens_FullMethodName,
 		func(a string) proto.Message { return &meteringv1.ListServiceTokensRequest{AccountId: a} },
-		func() proto.Message { return &meteringv1.ListServiceTokensResponse{} }},
+		func() proto.Message { return &meteringv1.ListServiceTokensResponse{} },
+		codes.OK, codes.OK},
 	{meteringv1.MeteringAdminService_RevokeServiceToken_FullMethodName,
 		func(string) proto.Message { return &meteringv1.RevokeServiceTokenRequest{Id: "tok_missing"} },
-		func() proto.Message { return &meteringv1.RevokeServiceTokenResponse{} }},
+		func() proto.Message { return &meteringv1.RevokeServiceTokenResponse{} },
+		codes.NotFound, codes.NotFound},
 }
 
 // access is what a caller may do with a method.
@@ -224,18 +247,18 @@ func TestAuthorizationMatrix(t *testing.T) {
 
 	for name, allowed := range tests {
 		for _, c := range meteringCalls {
-			for _, account := range []string{ownAccount, otherAccount} {
+			for _, account := range []string{ownAccount, otherAccount, missingAccount} {
 				err := s.call(t.Context(), s.creds[name], c.method, c.req(account), c.resp())
-				code := status.Code(err)
 
-				want := allowed[c.method]
-				mayCall := want == anyAccount || (want == ownOnly && account == ownAccount)
-				if mayCall {
-					assert.NotContains(t, []codes.Code{codes.PermissionDenied, codes.Unauthenticated}, code,
-						"%s calling %s on %s: %v", name, c.method, account, err)
-				} else {
-					assert.Equal(t, codes.PermissionDenied, code, "%s calling %s on %s: %v", name, c.method, account, err)
+				want := codes.PermissionDenied
+				access := allowed[c.method]
+				if access == anyAccount || (access == ownOnly && account == ownAccount) {
+					want = c.wantExists
+					if account == missingAccount {
+						want = c.wantMissing
+					}
 				}
+				assert.Equal(t, want, status.Code(err), "%s calling %s on %s: %v", name, c.method, account, err)
 			}
 		}
 	}
