@@ -26,16 +26,30 @@ type Config struct {
 	Logger *slog.Logger
 	// Now returns the current time. Defaults to time.Now.
 	Now func() time.Time
+	// BatchWorkers is how many batches of reserves, and of commits, run at
+	// once. Defaults to DefaultBatchWorkers.
+	BatchWorkers int
+	// MaxBatch is the largest number of concurrent reserves, or commits,
+	// run as one statement. Defaults to DefaultMaxBatch; 1 runs every call
+	// on its own.
+	MaxBatch int
+	// OnBatch, when set, is called with the operation ("reserve" or
+	// "commit") and the size of every batch run, for metrics.
+	OnBatch func(op string, size int)
 }
 
 // Service counts usage and enforces limits. It is safe for concurrent use.
+// Close it to stop its batch workers.
 type Service struct {
-	pool   *pgxpool.Pool
-	logger *slog.Logger
-	now    func() time.Time
+	pool     *pgxpool.Pool
+	logger   *slog.Logger
+	now      func() time.Time
+	reserves *coalescer[reserveCall, result]
+	commits  *coalescer[commitCall, result]
 }
 
-// New returns a Service.
+// New returns a Service. Concurrent Reserve and Commit calls are coalesced
+// into batches that each run as one statement and one transaction.
 func New(cfg Config) *Service {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -43,7 +57,82 @@ func New(cfg Config) *Service {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Service{pool: cfg.Pool, logger: cfg.Logger, now: cfg.Now}
+	if cfg.BatchWorkers <= 0 {
+		cfg.BatchWorkers = DefaultBatchWorkers
+	}
+	if cfg.MaxBatch <= 0 {
+		cfg.MaxBatch = DefaultMaxBatch
+	}
+
+	s := &Service{pool: cfg.Pool, logger: cfg.Logger, now: cfg.Now}
+	s.reserves = newCoalescer(cfg.BatchWorkers, cfg.MaxBatch, s.reserveOne, s.reserveMany)
+	s.commits = newCoalescer(cfg.BatchWorkers, cfg.MaxBatch, s.commitOne, s.commitMany)
+	if cfg.OnBatch != nil {
+		s.reserves.observe = func(size int) { cfg.OnBatch("reserve", size) }
+		s.commits.observe = func(size int) { cfg.OnBatch("commit", size) }
+	}
+	return s
+}
+
+// Close stops the batch workers after the batches in flight. Reserve and
+// Commit calls after Close fail.
+func (s *Service) Close() {
+	s.reserves.close()
+	s.commits.close()
+}
+
+// reserveCall is one reserve as the batch function reads it.
+type reserveCall struct {
+	AccountID  string   `json:"account_id"`
+	Metrics    []string `json:"metrics"`
+	ParentIDs  []string `json:"parent_ids"`
+	Amounts    []int64  `json:"amounts"`
+	Key        string   `json:"key"`
+	Hash       []byte   `json:"hash"`
+	TTLMicros  int64    `json:"ttl_us"`
+	ResourceID string   `json:"resource_id"`
+	Actor      string   `json:"actor"`
+}
+
+func (s *Service) reserveOne(ctx context.Context, c reserveCall) (result, error) {
+	const query = `SELECT metering.reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`
+	var out result
+	err := s.pool.QueryRow(ctx, query, c.AccountID, c.Metrics, c.ParentIDs, c.Amounts, c.Key, c.Hash,
+		pgtype.Interval{Microseconds: c.TTLMicros, Valid: true}, c.ResourceID, c.Actor, s.now()).Scan(&out)
+	return out, translate(err)
+}
+
+func (s *Service) reserveMany(ctx context.Context, calls []reserveCall) ([]result, error) {
+	const query = `SELECT metering.reserve_many($1, $2)`
+	var out []result
+	err := s.pool.QueryRow(ctx, query, calls, s.now()).Scan(&out)
+	return out, translate(err)
+}
+
+// commitCall is one commit as the batch function reads it.
+type commitCall struct {
+	AccountID     string   `json:"account_id"`
+	ReservationID string   `json:"id"`
+	Metrics       []string `json:"metrics"`
+	ParentIDs     []string `json:"parent_ids"`
+	Amounts       []int64  `json:"amounts"`
+	ResourceID    string   `json:"resource_id"`
+	Actor         string   `json:"actor"`
+}
+
+func (s *Service) commitOne(ctx context.Context, c commitCall) (result, error) {
+	const query = `SELECT metering.commit($1, $2, $3, $4, $5, $6, $7, $8)`
+	var out result
+	err := s.pool.QueryRow(ctx, query, c.AccountID, c.ReservationID, c.Metrics, c.ParentIDs, c.Amounts,
+		c.ResourceID, c.Actor, s.now()).Scan(&out)
+	return out, translate(err)
+}
+
+func (s *Service) commitMany(ctx context.Context, calls []commitCall) ([]result, error) {
+	const query = `SELECT metering.commit_many($1, $2)`
+	var out []result
+	err := s.pool.QueryRow(ctx, query, calls, s.now()).Scan(&out)
+	return out, translate(err)
 }
 
 // ReserveRequest is a validated CheckAndReserve request.
@@ -82,13 +171,19 @@ func (s *Service) Reserve(ctx context.Context, req ReserveRequest) (ReserveResul
 	}
 	metrics, parents, amounts := splitItems(req.Items)
 
-	const query = `SELECT metering.reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`
-	var out result
-	err := s.pool.QueryRow(ctx, query, req.AccountID, metrics, parents, amounts, req.IdempotencyKey,
-		hashOrEmpty(req.RequestHash), pgtype.Interval{Microseconds: ttl.Microseconds(), Valid: true},
-		req.ResourceID, req.Actor, s.now()).Scan(&out)
+	out, err := s.reserves.do(ctx, reserveCall{
+		AccountID:  req.AccountID,
+		Metrics:    metrics,
+		ParentIDs:  parents,
+		Amounts:    amounts,
+		Key:        req.IdempotencyKey,
+		Hash:       hashOrEmpty(req.RequestHash),
+		TTLMicros:  ttl.Microseconds(),
+		ResourceID: req.ResourceID,
+		Actor:      req.Actor,
+	})
 	if err != nil {
-		return ReserveResult{}, fmt.Errorf("reserve account %q: %w", req.AccountID, translate(err))
+		return ReserveResult{}, fmt.Errorf("reserve account %q: %w", req.AccountID, err)
 	}
 
 	switch out.Outcome {
@@ -147,12 +242,17 @@ type CommitResult struct {
 func (s *Service) Commit(ctx context.Context, req CommitRequest) (CommitResult, error) {
 	metrics, parents, amounts := splitItems(req.Actual)
 
-	const query = `SELECT metering.commit($1, $2, $3, $4, $5, $6, $7, $8)`
-	var out result
-	err := s.pool.QueryRow(ctx, query, req.AccountID, req.ReservationID, metrics, parents, amounts,
-		req.ResourceID, req.Actor, s.now()).Scan(&out)
+	out, err := s.commits.do(ctx, commitCall{
+		AccountID:     req.AccountID,
+		ReservationID: req.ReservationID,
+		Metrics:       metrics,
+		ParentIDs:     parents,
+		Amounts:       amounts,
+		ResourceID:    req.ResourceID,
+		Actor:         req.Actor,
+	})
 	if err != nil {
-		return CommitResult{}, fmt.Errorf("commit reservation %q: %w", req.ReservationID, translate(err))
+		return CommitResult{}, fmt.Errorf("commit reservation %q: %w", req.ReservationID, err)
 	}
 
 	switch out.Outcome {

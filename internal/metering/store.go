@@ -72,6 +72,13 @@ func (r *reservationJSON) decode() Reservation {
 	return res
 }
 
+// errClosed reports a call made after Service.Close.
+var errClosed = fmt.Errorf("%w: the service is shutting down", ErrUnavailable)
+
+func isUnavailable(err error) bool {
+	return errors.Is(err, ErrUnavailable)
+}
+
 // translate turns errors that mean PostgreSQL could not serve the request
 // into ErrUnavailable and returns others unchanged.
 func translate(err error) error {

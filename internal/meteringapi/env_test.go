@@ -73,6 +73,29 @@ type env struct {
 	clock  *clock
 	client meteringv1.MeteringServiceClient
 	admin  meteringv1.MeteringAdminServiceClient
+	// batches records the sizes of the reserve and commit batches run.
+	batches *batchSizes
+}
+
+// batchSizes records the largest batch run per operation.
+type batchSizes struct {
+	mu      sync.Mutex
+	largest map[string]int
+}
+
+func (b *batchSizes) observe(op string, size int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.largest == nil {
+		b.largest = map[string]int{}
+	}
+	b.largest[op] = max(b.largest[op], size)
+}
+
+func (b *batchSizes) max(op string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.largest[op]
 }
 
 // startTime is the clock's start: mid-period for accounts anchored on
@@ -91,7 +114,9 @@ func newEnvWithPool(t *testing.T, pool *pgxpool.Pool, reconcile bool) *env {
 	t.Helper()
 	clk := &clock{now: startTime}
 	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	svc := metering.New(metering.Config{Pool: pool, Logger: logger, Now: clk.Now})
+	batches := &batchSizes{}
+	svc := metering.New(metering.Config{Pool: pool, Logger: logger, Now: clk.Now, OnBatch: batches.observe})
+	t.Cleanup(svc.Close)
 	api := meteringapi.New(svc, logger, prometheus.NewRegistry())
 
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -106,13 +131,14 @@ func newEnvWithPool(t *testing.T, pool *pgxpool.Pool, reconcile bool) *env {
 	t.Cleanup(func() { _ = conn.Close() })
 
 	e := &env{
-		t:      t,
-		ctx:    context.Background(),
-		pool:   pool,
-		svc:    svc,
-		clock:  clk,
-		client: meteringv1.NewMeteringServiceClient(conn),
-		admin:  meteringv1.NewMeteringAdminServiceClient(conn),
+		t:       t,
+		batches: batches,
+		ctx:     context.Background(),
+		pool:    pool,
+		svc:     svc,
+		clock:   clk,
+		client:  meteringv1.NewMeteringServiceClient(conn),
+		admin:   meteringv1.NewMeteringAdminServiceClient(conn),
 	}
 	if reconcile {
 		t.Cleanup(e.requireReconciled)

@@ -73,6 +73,65 @@ func TestReserveConcurrentAtLimitGrantsExactlyLimit(t *testing.T) {
 		assert.EqualValues(t, limit, u.GetReserved(), "round %d reserved", round)
 		assert.EqualValues(t, 0, u.GetRemaining(), "round %d remaining", round)
 	}
+	assert.Greater(t, e.batches.max("reserve"), 1, "concurrent reserves must run in batches")
+}
+
+// TestCoalescedReserveCommitReleaseAtLimit runs reserves, commits and
+// releases from 64 callers at once, so batches mix accounts, grants and
+// rejections, and checks the limits and the ledger after each round.
+func TestCoalescedReserveCommitReleaseAtLimit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	const limit, callers = 20, 64
+	e.plan("small", limits{"tasks": limit, "agents": limit})
+	accounts := []string{"a", "b"}
+	for _, a := range accounts {
+		e.account(a, "small")
+	}
+
+	committed := map[string]int64{}
+	for round := range 3 {
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		for i := range callers {
+			wg.Go(func() {
+				account := accounts[i%len(accounts)]
+				res, err := e.client.CheckAndReserve(e.ctx, &meteringv1.CheckAndReserveRequest{
+					AccountId: account, Items: []*meteringv1.UsageItem{item(tasks, 1, ""), item(agents, 1, "")},
+					ResourceId: fmt.Sprintf("agent-%d-%d", round, i),
+				})
+				if status.Code(err) == codes.ResourceExhausted {
+					return
+				}
+				if !assert.NoError(t, err) {
+					return
+				}
+				id := res.GetReservation().GetId()
+				if i%3 == 0 {
+					_, err = e.client.Release(e.ctx, &meteringv1.ReleaseRequest{AccountId: account, ReservationId: id})
+					assert.NoError(t, err)
+					return
+				}
+				_, err = e.commit(account, id)
+				if assert.NoError(t, err) {
+					mu.Lock()
+					committed[account]++
+					mu.Unlock()
+				}
+			})
+		}
+		wg.Wait()
+
+		for _, a := range accounts {
+			u := e.usage(a, agents, "")
+			assert.LessOrEqual(t, u.GetUsed(), int64(limit), "round %d account %s", round, a)
+			assert.Equal(t, committed[a], u.GetUsed(), "round %d account %s: every successful commit counts once", round, a)
+			assert.EqualValues(t, u.GetUsed(), e.usage(a, tasks, "").GetUsed(), "round %d account %s: both items commit together", round, a)
+			assert.EqualValues(t, 0, u.GetReserved(), "round %d account %s", round, a)
+		}
+		e.requireReconciled()
+	}
+	assert.Greater(t, e.batches.max("reserve"), 1, "concurrent reserves must run in batches")
 }
 
 func TestReserveConcurrentPerParentLimitIsExact(t *testing.T) {
