@@ -3,14 +3,18 @@
 // A call carries exactly one credential in its metadata:
 //
 //   - authorization: "Bearer <JWT>", for end users and operators. The JWT is
-//     signed with HS256 (a development secret) or with RS256, ES256 or EdDSA
-//     (keys from a JWKS file). Its claims are sub (the user id, required),
-//     iss and aud (checked against Config), exp (required), nbf and iat
-//     (checked when present), and the claims named by ClaimAccountID,
-//     ClaimRole and ClaimPlatformAdmin.
+//     at most MaxJWTBytes long and signed with HS256 (a development secret)
+//     or with RS256, ES256 or EdDSA (keys from a JWKS file). Its claims are
+//     sub (the user id, required), iss and aud (checked against Config), exp
+//     (required), nbf and iat (checked when present), and the claims named
+//     by ClaimAccountID, ClaimRole and ClaimPlatformAdmin. Claim names are
+//     case-sensitive and each claim must have its JSON type. A header with
+//     crit, or with a typ other than JWT or at+jwt, is rejected.
 //   - x-service-token: a service token issued by the server ("mst_" and 43
 //     base64url characters), for runtime workers and internal services. The
-//     server stores only its SHA-256 hash, through a TokenStore.
+//     server stores only its SHA-256 hash, through a TokenStore. A revoked
+//     token is rejected by every call authenticated more than
+//     Config.TokenCacheTTL after the revocation.
 //
 // Interceptors builds the unary and stream server interceptors: they reject
 // methods that have no Rule in the Policy, authenticate every method whose
@@ -74,7 +78,7 @@ const (
 	DefaultLeeway = 30 * time.Second
 	// MaxLeeway is the largest Config.Leeway accepted.
 	MaxLeeway = 5 * time.Minute
-	// DefaultTokenCacheTTL is how long a service token lookup is cached.
+	// DefaultTokenCacheTTL is the default Config.TokenCacheTTL.
 	DefaultTokenCacheTTL = 2 * time.Second
 	// MaxTokenCacheTTL is the largest Config.TokenCacheTTL accepted, and so
 	// the longest a revoked service token can keep working.
@@ -86,6 +90,11 @@ const (
 	// MinHS256SecretBytes is the shortest HS256 secret accepted: 256 bits,
 	// the size of the HMAC-SHA-256 output.
 	MinHS256SecretBytes = 32
+	// MaxJWTBytes is the longest JWT accepted, in bytes. A longer
+	// authorization value is rejected before it is parsed, so that a
+	// caller without credentials cannot make the server decode large
+	// tokens. A JWT with the claims of this package is far shorter.
+	MaxJWTBytes = 8 << 10
 )
 
 // Config configures an Authenticator. The zero value of each optional field
@@ -111,9 +120,14 @@ type Config struct {
 	Leeway time.Duration
 	// Tokens looks up service tokens. Nil rejects every service token.
 	Tokens TokenStore
-	// TokenCacheTTL is how long a service token lookup, found or not, is
-	// cached, and so how long a revoked token can keep working. Zero
-	// selects DefaultTokenCacheTTL. The maximum is MaxTokenCacheTTL.
+	// TokenCacheTTL bounds how long a revoked service token keeps working.
+	// Authenticate accepts a service token only on a TokenStore lookup
+	// that started less than TokenCacheTTL earlier. A cached lookup, found
+	// or not, expires at that age, and a lookup that takes longer fails
+	// with Unavailable and is not cached. So every call authenticated more
+	// than TokenCacheTTL after a revocation is committed to the store
+	// rejects the token. A stream authenticated before that keeps running.
+	// Zero selects DefaultTokenCacheTTL. The maximum is MaxTokenCacheTTL.
 	TokenCacheTTL time.Duration
 	// TokenCacheSize is the number of lookups the cache keeps. Zero selects
 	// DefaultTokenCacheSize.
@@ -150,7 +164,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("HS256Secret has %d bytes; it must have at least %d", len(c.HS256Secret), MinHS256SecretBytes))
 	}
 	if len(c.JWKS) > 0 {
-		if _, _, err := parseJWKS(c.JWKS); err != nil {
+		if _, err := parseJWKS(c.JWKS); err != nil {
 			errs = append(errs, fmt.Errorf("JWKS is invalid: %w", err))
 		}
 	}
@@ -282,9 +296,10 @@ func New(cfg Config) (*Authenticator, error) {
 // It has the type of the go-grpc-middleware auth.AuthFunc.
 //
 // It returns a status error: Unauthenticated when the credential is missing,
-// repeated, malformed, invalid, expired or revoked, and Unavailable when the
-// token store fails. Messages name the failed check and never contain the
-// credential.
+// repeated, too long, malformed, invalid, expired or revoked, and
+// Unavailable when the token store lookup fails or times out after
+// Config.TokenCacheTTL. Messages name the failed check and never contain
+// the credential.
 func (a *Authenticator) Authenticate(ctx context.Context) (context.Context, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	authorization := md.Get(MetadataAuthorization)
@@ -314,6 +329,10 @@ func (a *Authenticator) Authenticate(ctx context.Context) (context.Context, erro
 // "Bearer <JWT>". The scheme is case-insensitive, as in RFC 7235.
 func (a *Authenticator) authenticateBearer(ctx context.Context, value string) (context.Context, error) {
 	const scheme = "bearer "
+	if len(value) > len(scheme)+MaxJWTBytes {
+		return nil, status.Errorf(codes.Unauthenticated,
+			"%s metadata has %d bytes; a bearer JWT may have at most %d bytes", MetadataAuthorization, len(value), MaxJWTBytes)
+	}
 	if len(value) < len(scheme) || !strings.EqualFold(value[:len(scheme)], scheme) {
 		return nil, status.Errorf(codes.Unauthenticated,
 			"%s metadata is malformed: it must be \"Bearer <JWT>\"", MetadataAuthorization)

@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
+	"encoding/base64"
 	"encoding/json"
 	"sync"
 	"testing"
@@ -153,6 +154,7 @@ type memTokenStore struct {
 	tokens   map[[32]byte]ServiceToken
 	lookups  int
 	lookupFn func(ctx context.Context) error // runs before each lookup when set
+	readFn   func(ctx context.Context) error // runs after each lookup has read the token, when set
 	markErr  error
 	marked   map[string]time.Time
 	marks    int
@@ -200,6 +202,12 @@ func (s *memTokenStore) setMarkErr(err error) {
 	s.markErr = err
 }
 
+func (s *memTokenStore) setReadFn(fn func(ctx context.Context) error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.readFn = fn
+}
+
 func (s *memTokenStore) lookupCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -226,8 +234,15 @@ func (s *memTokenStore) LookupServiceToken(ctx context.Context, hash [32]byte) (
 	}
 
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	token, ok := s.tokens[hash]
+	readFn := s.readFn
+	s.mu.Unlock()
+
+	if readFn != nil {
+		if err := readFn(ctx); err != nil {
+			return ServiceToken{}, err
+		}
+	}
 	if !ok {
 		return ServiceToken{}, ErrTokenNotFound
 	}
@@ -294,4 +309,37 @@ func mustJSON(t *testing.T, v any) []byte {
 	require.NoError(t, err)
 
 	return raw
+}
+
+// signRaw signs header and payload, two JSON texts written by the test,
+// with the HS256 test secret. It builds JWTs that jwt.Token cannot express,
+// such as claim sets with repeated names.
+func signRaw(t *testing.T, header, payload string) string {
+	t.Helper()
+
+	signingString := base64.RawURLEncoding.EncodeToString([]byte(header)) + "." +
+		base64.RawURLEncoding.EncodeToString([]byte(payload))
+	signature, err := jwt.SigningMethodHS256.Sign(signingString, testSecret)
+	require.NoError(t, err)
+
+	return signingString + "." + base64.RawURLEncoding.EncodeToString(signature)
+}
+
+// signWithHeader signs claims with the HS256 test secret after setting the
+// header parameters in header. A nil value removes the parameter.
+func signWithHeader(t *testing.T, header map[string]any, claims jwt.Claims) string {
+	t.Helper()
+
+	token := jwt.NewWithClaims(jwt.SigningMethodHS256, claims)
+	for name, value := range header {
+		if value == nil {
+			delete(token.Header, name)
+			continue
+		}
+		token.Header[name] = value
+	}
+	signed, err := token.SignedString(testSecret)
+	require.NoError(t, err)
+
+	return signed
 }

@@ -33,14 +33,6 @@ const (
 // minRSABits is the smallest RSA modulus accepted in a JWKS.
 const minRSABits = 2048
 
-// jwtClaims are the claims read from a JWT.
-type jwtClaims struct {
-	jwt.RegisteredClaims
-	AccountID     string `json:"account_id,omitempty"`
-	Role          string `json:"role,omitempty"`
-	PlatformAdmin bool   `json:"platform_admin,omitempty"`
-}
-
 // jwtVerifier checks JWTs against the configured keys. It is safe for
 // concurrent use.
 type jwtVerifier struct {
@@ -51,7 +43,7 @@ type jwtVerifier struct {
 }
 
 // newJWTVerifier builds the verifier from cfg, which has its defaults set.
-// It logs each JWKS key it skips.
+// It logs each JWKS key it skips and each key with private key material.
 func newJWTVerifier(cfg Config) (*jwtVerifier, error) {
 	v := &jwtVerifier{}
 
@@ -61,15 +53,19 @@ func newJWTVerifier(cfg Config) (*jwtVerifier, error) {
 	}
 
 	if len(cfg.JWKS) > 0 {
-		storage, skipped, err := parseJWKS(cfg.JWKS)
+		parsed, err := parseJWKS(cfg.JWKS)
 		if err != nil {
 			return nil, fmt.Errorf("load JWKS: %w", err)
 		}
-		for _, s := range skipped {
+		for _, s := range parsed.skipped {
 			cfg.Logger.Warn("skipped JWKS key", "key_index", s.index, "kid", s.kid, "reason", s.reason)
 		}
+		for _, p := range parsed.withPrivate {
+			cfg.Logger.Warn("JWKS key contains private key material, which is ignored; keep private keys out of the JWKS file",
+				"key_index", p.index, "kid", p.kid)
+		}
 
-		v.jwks, err = keyfunc.New(keyfunc.Options{Storage: storage})
+		v.jwks, err = keyfunc.New(keyfunc.Options{Storage: parsed.storage})
 		if err != nil {
 			return nil, fmt.Errorf("load JWKS: %w", err)
 		}
@@ -100,6 +96,9 @@ func (v *jwtVerifier) verify(token string) (principal.Principal, error) {
 	if claims.Subject == "" {
 		return principal.Principal{}, status.Error(codes.Unauthenticated, "JWT has no sub claim; it must name the user")
 	}
+	if strings.TrimSpace(claims.Subject) == "" {
+		return principal.Principal{}, status.Error(codes.Unauthenticated, "JWT sub claim is blank; it must name the user")
+	}
 
 	if claims.PlatformAdmin {
 		return principal.Principal{Kind: principal.Operator, UserID: claims.Subject}, nil
@@ -108,6 +107,10 @@ func (v *jwtVerifier) verify(token string) (principal.Principal, error) {
 	if claims.AccountID == "" {
 		return principal.Principal{}, status.Errorf(codes.Unauthenticated,
 			"JWT has no %s claim; a user JWT must name the user's account", ClaimAccountID)
+	}
+	if strings.TrimSpace(claims.AccountID) == "" {
+		return principal.Principal{}, status.Errorf(codes.Unauthenticated,
+			"JWT %s claim is blank; a user JWT must name the user's account", ClaimAccountID)
 	}
 	if claims.Role != RoleMember && claims.Role != RoleAdmin {
 		return principal.Principal{}, status.Errorf(codes.Unauthenticated,
@@ -122,11 +125,15 @@ func (v *jwtVerifier) verify(token string) (principal.Principal, error) {
 	}, nil
 }
 
-// key returns the verification key for token. The parser has already
-// checked that the alg header is in the allow-list. Each algorithm gets
-// only keys of its own type, so that an HS256 token can never be checked
-// against a public key's bytes.
+// key checks the header of token and returns its verification key. The
+// parser has already checked that the alg header is in the allow-list. Each
+// algorithm gets only keys of its own type, so that an HS256 token can
+// never be checked against a public key's bytes.
 func (v *jwtVerifier) key(token *jwt.Token) (any, error) {
+	if err := checkHeader(token.Header); err != nil {
+		return nil, err
+	}
+
 	alg := token.Method.Alg()
 	if alg == algHS256 {
 		if v.hs256Secret == nil {
@@ -173,6 +180,39 @@ var (
 	errNoKey                = errors.New("no key for the JWT")
 )
 
+// checkHeader rejects a JWT header with a crit parameter, because this
+// package implements no JWS extension (RFC 7515 section 4.1.11). It also
+// rejects a typ parameter other than JWT or at+jwt (RFC 9068). The typ
+// comparison ignores case and an "application/" prefix (RFC 7515 section
+// 4.1.9). A header without typ is accepted.
+func checkHeader(header map[string]any) error {
+	if _, ok := header["crit"]; ok {
+		return rejectJWT("JWT has a crit header, which this server rejects because it implements no JWS extension")
+	}
+
+	typ, ok := header["typ"]
+	if !ok {
+		return nil
+	}
+	mediaType, isString := typ.(string)
+	if !isString || !acceptedMediaType(mediaType) {
+		return rejectJWT(`JWT typ header must be "JWT" or "at+jwt" when present`)
+	}
+
+	return nil
+}
+
+// acceptedMediaType reports whether typ is JWT or at+jwt, ignoring case
+// and an "application/" prefix.
+func acceptedMediaType(typ string) bool {
+	const prefix = "application/"
+	if len(typ) > len(prefix) && strings.EqualFold(typ[:len(prefix)], prefix) {
+		typ = typ[len(prefix):]
+	}
+
+	return strings.EqualFold(typ, "JWT") || strings.EqualFold(typ, "at+jwt")
+}
+
 // keyFitsAlgorithm reports whether key is a public key of the type alg uses.
 func keyFitsAlgorithm(key any, alg string) bool {
 	switch k := key.(type) {
@@ -190,11 +230,10 @@ func keyFitsAlgorithm(key any, alg string) bool {
 // rejectionMessage turns a jwt parse error into a client message. The
 // message names the failed check and never contains the token.
 func (v *jwtVerifier) rejectionMessage(err error) string {
-	var typeErr *json.UnmarshalTypeError
+	var invalid *invalidJWTError
 	switch {
-	case errors.As(err, &typeErr):
-		// The field names come from jwtClaims, not from the token.
-		return fmt.Sprintf("JWT claim %s has the wrong type: it must be a %s", typeErr.Field, typeErr.Type)
+	case errors.As(err, &invalid):
+		return invalid.message
 	case errors.Is(err, jwt.ErrTokenMalformed):
 		return "JWT is malformed"
 	case errors.Is(err, errAlgorithmNotAccepted):
@@ -241,61 +280,97 @@ func missingClaimMessage(err error) string {
 	return "JWT is missing a required claim; exp, iss and aud are required"
 }
 
+// jwksKey identifies a key of a JWKS in log records: its index in the
+// keys array and its kid, which may be empty.
+type jwksKey struct {
+	index int
+	kid   string
+}
+
 // skippedKey is a JWKS key that parseJWKS did not load.
 type skippedKey struct {
-	index  int
-	kid    string
+	jwksKey
 	reason string
+}
+
+// parsedJWKS is the result of parseJWKS.
+type parsedJWKS struct {
+	// storage contains the public keys that verify JWTs.
+	storage jwkset.Storage
+	// skipped are the keys not loaded, with the reason.
+	skipped []skippedKey
+	// withPrivate are the keys, loaded or skipped, that contain private
+	// key material. parseJWKS drops it.
+	withPrivate []jwksKey
 }
 
 // parseJWKS loads the public signing keys of raw, a JWKS document, for
 // RS256, ES256 and EdDSA. It skips encryption keys and keys of other
-// algorithms, reporting them in skipped. It returns an error when raw is not
-// a JWKS, has a symmetric or malformed key, or has no usable key.
-func parseJWKS(raw []byte) (jwkset.Storage, []skippedKey, error) {
+// algorithms, reporting them in skipped. Private key material ("d" and the
+// RSA CRT parameters) is dropped and reported in withPrivate. It returns an
+// error when raw is not a JWKS, has a symmetric or malformed key, has two
+// loaded keys with the same non-empty kid, or has no usable key.
+func parseJWKS(raw []byte) (parsedJWKS, error) {
 	var set jwkset.JWKSMarshal
 	if err := json.Unmarshal(raw, &set); err != nil {
-		return nil, nil, fmt.Errorf("parse JWKS JSON: %w", err)
+		return parsedJWKS{}, fmt.Errorf("parse JWKS JSON: %w", err)
 	}
 	if len(set.Keys) == 0 {
-		return nil, nil, errors.New(`JWKS has no keys: it must be {"keys": [...]}`)
+		return parsedJWKS{}, errors.New(`JWKS has no keys: it must be {"keys": [...]}`)
 	}
 
-	storage := jwkset.NewMemoryStorage()
-	var skipped []skippedKey
+	parsed := parsedJWKS{storage: jwkset.NewMemoryStorage()}
+	loadedKIDs := make(map[string]int) // kid to key index
 	for i, m := range set.Keys {
+		key := jwksKey{index: i, kid: m.KID}
 		reason, err := checkJWK(m)
 		if err != nil {
-			return nil, nil, fmt.Errorf("JWKS key %d (kid %q): %w", i, m.KID, err)
+			return parsedJWKS{}, fmt.Errorf("JWKS key %d (kid %q): %w", i, m.KID, err)
+		}
+		if hasPrivateMaterial(m) {
+			parsed.withPrivate = append(parsed.withPrivate, key)
 		}
 		if reason != "" {
-			skipped = append(skipped, skippedKey{index: i, kid: m.KID, reason: reason})
+			parsed.skipped = append(parsed.skipped, skippedKey{jwksKey: key, reason: reason})
 			continue
 		}
 
-		// Private material ("d" and the RSA CRT parameters) is dropped.
 		jwk, err := jwkset.NewJWKFromMarshal(m, jwkset.JWKMarshalOptions{Private: false}, jwkset.JWKValidateOptions{})
 		if err != nil {
-			return nil, nil, fmt.Errorf("JWKS key %d (kid %q): %w", i, m.KID, err)
+			return parsedJWKS{}, fmt.Errorf("JWKS key %d (kid %q): %w", i, m.KID, err)
 		}
 		if !keyFitsAnyAlgorithm(jwk.Key()) {
-			skipped = append(skipped, skippedKey{index: i, kid: m.KID, reason: fmt.Sprintf("RSA keys need at least %d bits", minRSABits)})
+			parsed.skipped = append(parsed.skipped, skippedKey{jwksKey: key, reason: fmt.Sprintf("RSA keys need at least %d bits", minRSABits)})
 			continue
 		}
-		if err := storage.KeyWrite(context.Background(), jwk); err != nil {
-			return nil, nil, fmt.Errorf("JWKS key %d (kid %q): %w", i, m.KID, err)
+
+		// A JWT names its key by kid, so two keys with one kid would make
+		// the choice of key depend on their order in the file.
+		if first, ok := loadedKIDs[m.KID]; ok && m.KID != "" {
+			return parsedJWKS{}, fmt.Errorf("JWKS keys %d and %d share the kid %q; each signing key needs its own kid", first, i, m.KID)
+		}
+		loadedKIDs[m.KID] = i
+
+		if err := parsed.storage.KeyWrite(context.Background(), jwk); err != nil {
+			return parsedJWKS{}, fmt.Errorf("JWKS key %d (kid %q): %w", i, m.KID, err)
 		}
 	}
 
-	keys, err := storage.KeyReadAll(context.Background())
+	keys, err := parsed.storage.KeyReadAll(context.Background())
 	if err != nil {
-		return nil, nil, fmt.Errorf("read JWKS keys: %w", err)
+		return parsedJWKS{}, fmt.Errorf("read JWKS keys: %w", err)
 	}
 	if len(keys) == 0 {
-		return nil, skipped, fmt.Errorf("JWKS has no RS256, ES256 or EdDSA signing key (%d keys skipped)", len(skipped))
+		return parsedJWKS{}, fmt.Errorf("JWKS has no RS256, ES256 or EdDSA signing key (%d keys skipped)", len(parsed.skipped))
 	}
 
-	return storage, skipped, nil
+	return parsed, nil
+}
+
+// hasPrivateMaterial reports whether m contains private key parameters of
+// an EC, OKP or RSA key (RFC 7518 section 6 and RFC 8037 section 2).
+func hasPrivateMaterial(m jwkset.JWKMarshal) bool {
+	return m.D != "" || m.P != "" || m.Q != "" || m.DP != "" || m.DQ != "" || m.QI != "" || len(m.OTH) > 0
 }
 
 // checkJWK returns an error for a key that must not be in a JWKS for

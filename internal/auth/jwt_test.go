@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -8,6 +9,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -235,14 +237,14 @@ func TestParseJWKSSkipsAndRejects(t *testing.T) {
 			publicJWK{key: &keys.rsa.PublicKey, kid: rsaKeyID, alg: jwkset.AlgRS256},
 		)
 
-		storage, skipped, err := parseJWKS(raw)
+		parsed, err := parseJWKS(raw)
 		require.NoError(t, err)
 
-		all, err := storage.KeyReadAll(t.Context())
+		all, err := parsed.storage.KeyReadAll(t.Context())
 		require.NoError(t, err)
 		assert.Len(t, all, 1)
 		var skippedIDs []string
-		for _, s := range skipped {
+		for _, s := range parsed.skipped {
 			skippedIDs = append(skippedIDs, s.kid)
 		}
 		assert.ElementsMatch(t, []string{"p384", "enc", "ps256", "small"}, skippedIDs)
@@ -253,7 +255,7 @@ func TestParseJWKSSkipsAndRejects(t *testing.T) {
 
 		raw := buildJWKS(t, publicJWK{key: &p384.PublicKey, kid: "p384"})
 
-		_, _, err := parseJWKS(raw)
+		_, err := parseJWKS(raw)
 		assert.ErrorContains(t, err, "no RS256, ES256 or EdDSA signing key")
 	})
 
@@ -264,21 +266,21 @@ func TestParseJWKSSkipsAndRejects(t *testing.T) {
 			{"kty": "oct", "kid": "hmac", "k": base64.RawURLEncoding.EncodeToString(testSecret)},
 		}})
 
-		_, _, err := parseJWKS(raw)
+		_, err := parseJWKS(raw)
 		assert.ErrorContains(t, err, "symmetric keys")
 	})
 
 	t.Run("not JSON", func(t *testing.T) {
 		t.Parallel()
 
-		_, _, err := parseJWKS([]byte("-----BEGIN PUBLIC KEY-----"))
+		_, err := parseJWKS([]byte("-----BEGIN PUBLIC KEY-----"))
 		assert.ErrorContains(t, err, "parse JWKS JSON")
 	})
 
 	t.Run("empty set", func(t *testing.T) {
 		t.Parallel()
 
-		_, _, err := parseJWKS([]byte(`{"keys": []}`))
+		_, err := parseJWKS([]byte(`{"keys": []}`))
 		assert.ErrorContains(t, err, "JWKS has no keys")
 	})
 
@@ -292,10 +294,10 @@ func TestParseJWKSSkipsAndRejects(t *testing.T) {
 		require.NoError(t, err)
 		raw := mustJSON(t, map[string]any{"keys": []any{jwk.Marshal()}})
 
-		storage, _, err := parseJWKS(raw)
+		parsed, err := parseJWKS(raw)
 		require.NoError(t, err)
 
-		all, err := storage.KeyReadAll(t.Context())
+		all, err := parsed.storage.KeyReadAll(t.Context())
 		require.NoError(t, err)
 		require.Len(t, all, 1)
 		_, isPublic := all[0].Key().(*ecdsa.PublicKey)
@@ -356,4 +358,135 @@ func TestMintDevJWT(t *testing.T) {
 			assert.ErrorContains(t, err, want)
 		}
 	})
+}
+
+func TestParseJWKSDuplicateKeyID(t *testing.T) {
+	t.Parallel()
+
+	keys := loadTestKeys(t)
+	otherRSA, err := rsa.GenerateKey(rand.Reader, 2048)
+	require.NoError(t, err)
+
+	rejected := []struct {
+		name string
+		jwks []byte
+	}{
+		{"two RSA keys", buildJWKS(t,
+			publicJWK{key: &keys.rsa.PublicKey, kid: rsaKeyID, alg: jwkset.AlgRS256},
+			publicJWK{key: &otherRSA.PublicKey, kid: rsaKeyID, alg: jwkset.AlgRS256},
+		)},
+		{"RSA and EC keys", buildJWKS(t,
+			publicJWK{key: &keys.rsa.PublicKey, kid: rsaKeyID},
+			publicJWK{key: &keys.ecdsa.PublicKey, kid: ecdsaKeyID},
+			publicJWK{key: &otherRSA.PublicKey, kid: ecdsaKeyID},
+		)},
+	}
+	for _, tt := range rejected {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+
+			_, err := parseJWKS(tt.jwks)
+			assert.ErrorContains(t, err, "kid")
+
+			cfg := Config{Issuer: testIssuer, Audience: testAudience, JWKS: tt.jwks}
+			err = cfg.Validate()
+			assert.ErrorContains(t, err, "JWKS is invalid")
+			assert.ErrorContains(t, err, "share the kid")
+
+			_, err = New(cfg)
+			assert.Error(t, err)
+		})
+	}
+
+	t.Run("error names the kid and the keys", func(t *testing.T) {
+		t.Parallel()
+
+		_, err := parseJWKS(rejected[1].jwks)
+		assert.ErrorContains(t, err, `JWKS keys 1 and 2 share the kid "ec-1"`)
+	})
+
+	accepted := []struct {
+		name string
+		jwks []byte
+	}{
+		{"skipped encryption key with the same kid", buildJWKS(t,
+			publicJWK{key: &otherRSA.PublicKey, kid: rsaKeyID, use: jwkset.UseEnc},
+			publicJWK{key: &keys.rsa.PublicKey, kid: rsaKeyID, alg: jwkset.AlgRS256},
+		)},
+		{"two keys without kid", buildJWKS(t,
+			publicJWK{key: &keys.rsa.PublicKey},
+			publicJWK{key: &otherRSA.PublicKey},
+		)},
+	}
+	for _, tt := range accepted {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+
+			_, err := parseJWKS(tt.jwks)
+			require.NoError(t, err)
+
+			a := newTestAuthenticator(t, Config{Issuer: testIssuer, Audience: testAudience, JWKS: tt.jwks, Now: func() time.Time { return testNow }})
+			_, err = a.Authenticate(bearer(signJWT(t, jwt.SigningMethodRS256, keys.rsa, "", testClaims())))
+			assert.NoError(t, err)
+		})
+	}
+}
+
+// TestNewPrivateJWKUsedAsPublic checks that a JWKS key with private key
+// material is loaded as its public key alone, with a warning that names
+// the key and not the material.
+func TestNewPrivateJWKUsedAsPublic(t *testing.T) {
+	t.Parallel()
+
+	keys := loadTestKeys(t)
+	private := []struct {
+		key    any
+		kid    string
+		method jwt.SigningMethod
+	}{
+		{keys.rsa, rsaKeyID, jwt.SigningMethodRS256},
+		{keys.ecdsa, ecdsaKeyID, jwt.SigningMethodES256},
+		{keys.ed25519, ed25519KeyID, jwt.SigningMethodEdDSA},
+	}
+
+	var marshalled []any
+	var secrets []string
+	for _, p := range private {
+		jwk, err := jwkset.NewJWKFromKey(p.key, jwkset.JWKOptions{
+			Marshal:  jwkset.JWKMarshalOptions{Private: true},
+			Metadata: jwkset.JWKMetadataOptions{KID: p.kid},
+		})
+		require.NoError(t, err)
+		require.NotEmpty(t, jwk.Marshal().D, "the test JWK must contain private key material")
+		marshalled = append(marshalled, jwk.Marshal())
+		secrets = append(secrets, jwk.Marshal().D)
+	}
+	raw := mustJSON(t, map[string]any{"keys": marshalled})
+
+	parsed, err := parseJWKS(raw)
+	require.NoError(t, err)
+	all, err := parsed.storage.KeyReadAll(t.Context())
+	require.NoError(t, err)
+	require.Len(t, all, 3)
+	for _, jwk := range all {
+		assert.True(t, keyFitsAnyAlgorithm(jwk.Key()), "kid %s must be a public key, got %T", jwk.Marshal().KID, jwk.Key())
+		assert.Empty(t, jwk.Marshal().D, "kid %s", jwk.Marshal().KID)
+	}
+
+	var logged bytes.Buffer
+	a := newTestAuthenticator(t, Config{
+		Issuer: testIssuer, Audience: testAudience, JWKS: raw,
+		Now:    func() time.Time { return testNow },
+		Logger: slog.New(slog.NewTextHandler(&logged, nil)),
+	})
+
+	for _, p := range private {
+		assert.Contains(t, logged.String(), "kid="+p.kid)
+		_, err := a.Authenticate(bearer(signJWT(t, p.method, p.key, p.kid, testClaims())))
+		assert.NoError(t, err, p.kid)
+	}
+	assert.Equal(t, 3, strings.Count(logged.String(), "JWKS key contains private key material"))
+	for _, secret := range secrets {
+		assert.NotContains(t, logged.String(), secret)
+	}
 }

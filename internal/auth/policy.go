@@ -86,11 +86,19 @@ func (p Policy) Unused(info map[string]grpc.ServiceInfo) []string {
 // Validate checks every rule of p and returns every problem found, joined
 // with errors.Join, or nil. Problems are a method name that is not
 // "/service/method", a public rule that sets other fields, a rule that
-// allows no caller, and an unknown role or scope.
+// allows no caller, and an unknown role or scope. The known scopes are
+// those of Scopes.
 func (p Policy) Validate() error {
+	return p.ValidateWithScopes(Scopes())
+}
+
+// ValidateWithScopes checks p as Validate does, with known as the scopes
+// that rules may name. A server whose service tokens carry scopes of its
+// own, such as a resource service with its runtime tokens, passes those.
+func (p Policy) ValidateWithScopes(known []string) error {
 	var errs []error
 	for _, method := range slices.Sorted(maps.Keys(p)) {
-		if err := p[method].validate(); err != nil {
+		if err := p[method].validate(known); err != nil {
 			errs = append(errs, fmt.Errorf("rule for %s: %w", method, err))
 		}
 		if !validMethodName(method) {
@@ -101,7 +109,7 @@ func (p Policy) Validate() error {
 	return errors.Join(errs...)
 }
 
-func (r Rule) validate() error {
+func (r Rule) validate(knownScopes []string) error {
 	if r.Public {
 		if r.Operator || len(r.UserRoles) > 0 || len(r.Scopes) > 0 || r.OwnAccount {
 			return errors.New("a Public rule allows every caller, so Operator, UserRoles, Scopes and OwnAccount must be unset")
@@ -120,8 +128,8 @@ func (r Rule) validate() error {
 		}
 	}
 	for _, scope := range r.Scopes {
-		if !slices.Contains(Scopes(), scope) {
-			errs = append(errs, fmt.Errorf("scope %q is unknown; scopes are %s", scope, strings.Join(Scopes(), ", ")))
+		if !slices.Contains(knownScopes, scope) {
+			errs = append(errs, fmt.Errorf("scope %q is unknown; scopes are %s", scope, strings.Join(knownScopes, ", ")))
 		}
 	}
 
@@ -202,7 +210,7 @@ func (p Policy) authorizeUnary(ctx context.Context, req any, info *grpc.UnarySer
 		return nil, err
 	}
 	if rule.OwnAccount && caller.BoundToAccount() {
-		if err := checkAccount(caller, req, true); err != nil {
+		if err := checkAccount(caller, info.FullMethod, req, true); err != nil {
 			return nil, err
 		}
 	}
@@ -221,7 +229,7 @@ func (p Policy) authorizeStream(srv any, ss grpc.ServerStream, info *grpc.Stream
 		return err
 	}
 	if rule.OwnAccount && caller.BoundToAccount() {
-		ss = &accountCheckedStream{ServerStream: ss, caller: caller}
+		ss = &accountCheckedStream{ServerStream: ss, caller: caller, method: info.FullMethod}
 	}
 
 	return handler(srv, ss)
@@ -268,14 +276,16 @@ type accountRequest interface {
 	GetAccountId() string
 }
 
-// checkAccount returns PermissionDenied unless msg names caller's account.
-// An empty account_id is accepted only when emptyDenied is false.
-func checkAccount(caller principal.Principal, msg any, emptyDenied bool) error {
+// checkAccount returns PermissionDenied unless msg, a request of method,
+// names caller's account. An empty account_id is accepted only when
+// emptyDenied is false.
+func checkAccount(caller principal.Principal, method string, msg any, emptyDenied bool) error {
 	request, ok := msg.(accountRequest)
 	if !ok {
 		// NOTE: this is a policy error (OwnAccount on a message without
 		// account_id), denied so that it cannot open another account.
-		return status.Errorf(codes.PermissionDenied, "request %T has no account_id to check against the caller's account", msg)
+		return status.Errorf(codes.PermissionDenied,
+			"requests of %s do not name an account, so a caller bound to one account may not call it", method)
 	}
 
 	account := request.GetAccountId()
@@ -297,6 +307,7 @@ func checkAccount(caller principal.Principal, msg any, emptyDenied bool) error {
 type accountCheckedStream struct {
 	grpc.ServerStream
 	caller   principal.Principal
+	method   string
 	received bool
 	denied   error
 }
@@ -314,7 +325,7 @@ func (s *accountCheckedStream) RecvMsg(m any) error {
 
 	first := !s.received
 	s.received = true
-	if err := checkAccount(s.caller, m, first); err != nil {
+	if err := checkAccount(s.caller, s.method, m, first); err != nil {
 		s.denied = err
 		return err
 	}

@@ -584,8 +584,41 @@ func TestInterceptorsOwnAccountWithoutAccountField(t *testing.T) {
 		func(context.Context, any) (any, error) { called = true; return nil, nil })
 
 	assert.Equal(t, codes.PermissionDenied, status.Code(err))
-	assert.Contains(t, status.Convert(err).Message(), "has no account_id")
+	message := status.Convert(err).Message()
+	assert.Contains(t, message, "requests of "+healthpb.Health_Check_FullMethodName+" do not name an account")
+	assert.NotContains(t, message, "HealthCheckRequest", "the message must not name a Go type")
+	assert.NotContains(t, message, "grpc_health_v1", "the message must not name a Go package")
 	assert.False(t, called)
+}
+
+// recvOnlyStream is a server stream whose RecvMsg receives an empty
+// message.
+type recvOnlyStream struct {
+	grpc.ServerStream
+}
+
+func (recvOnlyStream) RecvMsg(any) error {
+	return nil
+}
+
+// TestAccountCheckedStreamWithoutAccountField checks that a stream method
+// with OwnAccount whose requests have no account_id denies bound principals
+// with a message that names the method, not a Go type.
+func TestAccountCheckedStreamWithoutAccountField(t *testing.T) {
+	t.Parallel()
+
+	stream := &accountCheckedStream{
+		ServerStream: recvOnlyStream{},
+		caller:       principal.Principal{Kind: principal.User, UserID: testUserID, AccountID: ownAccount, Role: RoleMember},
+		method:       "/authtest.Test/Upload",
+	}
+
+	err := stream.RecvMsg(&healthpb.HealthCheckRequest{})
+
+	assert.Equal(t, codes.PermissionDenied, status.Code(err))
+	message := status.Convert(err).Message()
+	assert.Contains(t, message, "requests of /authtest.Test/Upload do not name an account")
+	assert.NotContains(t, message, "HealthCheckRequest", "the message must not name a Go type")
 }
 
 func TestInterceptorsCopyPolicy(t *testing.T) {

@@ -46,12 +46,9 @@ func Scopes() []string {
 	return []string{ScopeAdmin, ScopeUsageRead, ScopeUsageWrite}
 }
 
-// Timeouts of the calls to the TokenStore.
+// Timeouts of the calls to the TokenStore. Config.TokenCacheTTL bounds
+// each LookupServiceToken call.
 const (
-	// tokenLookupTimeout bounds one LookupServiceToken call. The lookup is
-	// shared by concurrent calls with the same token, so it does not end
-	// when the call that started it is cancelled.
-	tokenLookupTimeout = 5 * time.Second
 	// lastUsedFlushTimeout bounds one MarkServiceTokensUsed call.
 	lastUsedFlushTimeout = 5 * time.Second
 	// storeErrorLogInterval is the shortest time between two log records
@@ -85,7 +82,9 @@ type TokenStore interface {
 	// LookupServiceToken returns the token whose SHA-256 hash is hash, or
 	// an error wrapping ErrTokenNotFound when there is none. Revoked
 	// tokens are returned with Revoked set. Any other error means the
-	// lookup failed, and the call gets Unavailable.
+	// lookup failed, and the call gets Unavailable. The deadline of ctx is
+	// Config.TokenCacheTTL after the lookup started, and a result returned
+	// after it is discarded.
 	LookupServiceToken(ctx context.Context, hash [32]byte) (ServiceToken, error)
 	// MarkServiceTokensUsed sets the last-used time of the tokens with the
 	// given ids to at.
@@ -130,10 +129,15 @@ func wellFormedServiceToken(s string) bool {
 type tokenLookup struct {
 	token ServiceToken
 	found bool
-	// checkedAt is when the lookup started, on the monotonic clock, so
-	// that a cached result older than the cache TTL is never used.
+	// checkedAt is when the lookup started, on the monotonic clock. The
+	// store read the token after that, so a result is used only while it
+	// is younger than the cache TTL.
 	checkedAt time.Time
 }
+
+// errTokenLookupTimeout is the error of a TokenStore lookup that took the
+// cache TTL or longer.
+var errTokenLookupTimeout = errors.New("service token lookup timed out")
 
 // authenticateServiceToken verifies a service token and returns ctx with
 // its principal.
@@ -150,6 +154,10 @@ func (a *Authenticator) authenticateServiceToken(ctx context.Context, plaintext 
 	if err != nil {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			return nil, status.FromContextError(ctxErr).Err()
+		}
+		if errors.Is(err, errTokenLookupTimeout) {
+			return nil, status.Errorf(codes.Unavailable,
+				"service token cannot be checked: the token store lookup timed out after %s; retry later", a.cfg.TokenCacheTTL)
 		}
 
 		return nil, status.Error(codes.Unavailable, "service token cannot be checked: the token store is unavailable; retry later")
@@ -174,9 +182,11 @@ func (a *Authenticator) authenticateServiceToken(ctx context.Context, plaintext 
 
 // lookupServiceToken returns the cached lookup of hash when it is younger
 // than the cache TTL. Otherwise it calls the TokenStore, once for all
-// concurrent calls with the same hash. Store errors are not cached.
+// concurrent calls with the same hash. A call that joins a lookup in flight
+// gets its result, which is younger than the cache TTL because the lookup
+// has that deadline. Store errors are not cached.
 func (a *Authenticator) lookupServiceToken(ctx context.Context, hash [32]byte) (tokenLookup, error) {
-	if cached, ok := a.cache.Get(hash); ok && time.Since(cached.checkedAt) < a.cfg.TokenCacheTTL {
+	if cached, ok := a.cache.Get(hash); ok && a.fresh(cached) {
 		return cached, nil
 	}
 
@@ -189,20 +199,43 @@ func (a *Authenticator) lookupServiceToken(ctx context.Context, hash [32]byte) (
 		if result.Err != nil {
 			return tokenLookup{}, result.Err
 		}
+		lookup := result.Val.(tokenLookup)
+		if !a.fresh(lookup) {
+			return tokenLookup{}, errTokenLookupTimeout
+		}
 
-		return result.Val.(tokenLookup), nil
+		return lookup, nil
 	case <-ctx.Done():
 		return tokenLookup{}, ctx.Err()
 	}
 }
 
+// fresh reports whether lookup started less than the cache TTL ago.
+func (a *Authenticator) fresh(lookup tokenLookup) bool {
+	return time.Since(lookup.checkedAt) < a.cfg.TokenCacheTTL
+}
+
 // fetchServiceToken looks up hash in the TokenStore and caches the result.
+// The lookup has the cache TTL as its deadline, so that no call waits on it
+// longer than that: a result that comes later is discarded, not cached, and
+// the calls get errTokenLookupTimeout.
 func (a *Authenticator) fetchServiceToken(ctx context.Context, hash [32]byte) (tokenLookup, error) {
-	ctx, cancel := context.WithTimeout(ctx, tokenLookupTimeout)
+	lookup := tokenLookup{checkedAt: time.Now()}
+	ctx, cancel := context.WithDeadline(ctx, lookup.checkedAt.Add(a.cfg.TokenCacheTTL))
 	defer cancel()
 
-	lookup := tokenLookup{checkedAt: time.Now()}
 	token, err := a.cfg.Tokens.LookupServiceToken(ctx, hash)
+	if !a.fresh(lookup) || errors.Is(err, context.DeadlineExceeded) {
+		// The store may have read the token before a revocation that is
+		// now older than the TTL, so even a late success is discarded.
+		a.lookupErrorLog.Do(func() {
+			a.cfg.Logger.WarnContext(ctx, "service token lookup timed out; repeats within the log interval are not logged",
+				"timeout", a.cfg.TokenCacheTTL, "error", err, "log_interval", storeErrorLogInterval)
+		})
+
+		return tokenLookup{}, errTokenLookupTimeout
+	}
+
 	switch {
 	case errors.Is(err, ErrTokenNotFound):
 		lookup.found = false

@@ -191,7 +191,10 @@ func TestAuthenticateServiceTokenSharedLookup(t *testing.T) {
 
 	store := newMemTokenStore()
 	token := store.issue(t, ServiceToken{ID: "tok-1", Scopes: []string{ScopeUsageRead}})
-	a := newTestAuthenticator(t, testConfig(t, store))
+	cfg := testConfig(t, store)
+	// The lookup must end within the TTL, so the test gives it the most.
+	cfg.TokenCacheTTL = MaxTokenCacheTTL
+	a := newTestAuthenticator(t, cfg)
 	release := make(chan struct{})
 	store.setLookupFn(func(context.Context) error {
 		<-release
@@ -306,4 +309,76 @@ func TestRunRetriesFailedFlush(t *testing.T) {
 	a.flushLastUsed(t.Context())
 	_, marked = store.markedAt("tok-retry")
 	assert.True(t, marked)
+}
+
+// TestAuthenticateServiceTokenSlowLookup checks the revocation bound when a
+// lookup is slow: the store reads the token, the token is revoked, and the
+// store returns only after TokenCacheTTL. The stale result must be neither
+// accepted nor cached, whether or not the store stops at its deadline.
+func TestAuthenticateServiceTokenSlowLookup(t *testing.T) {
+	t.Parallel()
+
+	tests := []struct {
+		name        string
+		honorsCtx   bool
+		maxDuration time.Duration
+	}{
+		{"store stops at its deadline", true, testCacheTTL + 150*time.Millisecond},
+		{"store ignores its deadline", false, 3*testCacheTTL + 150*time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+
+			store := newMemTokenStore()
+			token := store.issue(t, ServiceToken{ID: "tok-slow", AccountID: ownAccount, Scopes: []string{ScopeUsageWrite}})
+			a := newTestAuthenticator(t, testConfig(t, store))
+
+			read := make(chan struct{}, 1)
+			store.setReadFn(func(ctx context.Context) error {
+				read <- struct{}{}
+				delay := time.NewTimer(3 * testCacheTTL)
+				defer delay.Stop()
+				if tt.honorsCtx {
+					select {
+					case <-ctx.Done():
+						return ctx.Err()
+					case <-delay.C:
+						return nil
+					}
+				}
+				<-delay.C
+				return nil
+			})
+
+			type result struct {
+				err     error
+				elapsed time.Duration
+			}
+			results := make(chan result, 2)
+			authenticate := func() {
+				start := time.Now()
+				_, err := a.Authenticate(incoming(MetadataServiceToken, token))
+				results <- result{err, time.Since(start)}
+			}
+
+			go authenticate()
+			<-read
+			store.revoke("tok-slow")
+			go authenticate() // joins the lookup in flight
+
+			for range 2 {
+				r := <-results
+				assert.Equal(t, codes.Unavailable, status.Code(r.err))
+				assert.Contains(t, status.Convert(r.err).Message(), "token store lookup timed out after 200ms")
+				assert.Less(t, r.elapsed, tt.maxDuration)
+			}
+
+			store.setReadFn(nil)
+			_, err := a.Authenticate(incoming(MetadataServiceToken, token))
+			assert.Equal(t, codes.Unauthenticated, status.Code(err), "the slow answer must not be cached")
+			assert.Contains(t, status.Convert(err).Message(), "service token tok-slow is revoked")
+			assert.Equal(t, 2, store.lookupCount())
+		})
+	}
 }
