@@ -1,5 +1,7 @@
 // Package schema applies the numbered SQL migrations in the migrations
-// package to a PostgreSQL database, with golang-migrate.
+// package to a PostgreSQL database, with golang-migrate. MigrateSet applies
+// another set, such as the workspace server's, with a version table of its
+// own.
 package schema
 
 import (
@@ -34,10 +36,46 @@ func Migrate(ctx context.Context, databaseURL string, logger *slog.Logger) error
 	return migrateFS(ctx, migrations.FS, databaseURL, logger)
 }
 
+// DefaultTable is the table in which golang-migrate records the version of
+// the Metering migrations.
+const DefaultTable = "schema_migrations"
+
+// Set is a migration set of its own: the workspace server, for example, keeps
+// its tables in another schema of the same database, and versions them apart
+// from Metering's.
+type Set struct {
+	// FS contains the up migrations in its root, named NNNN_title.up.sql.
+	FS fs.FS
+	// Table is the table in the session's current schema (public by
+	// default) that records the version of this set. Two sets in one
+	// database need two tables. Empty means DefaultTable.
+	Table string
+}
+
+// MigrateSet applies the up migrations of set that the database at
+// databaseURL has not applied yet, as Migrate does for Metering's. The
+// golang-migrate advisory lock is derived from the table name, so migrating
+// two sets at once does not make either wait.
+func MigrateSet(ctx context.Context, databaseURL string, set Set, logger *slog.Logger) error {
+	table := set.Table
+	if table == "" {
+		table = DefaultTable
+	}
+
+	return migrateTable(ctx, set.FS, table, databaseURL, logger)
+}
+
 // migrateFS applies the up migrations in the root of fsys, named
-// NNNN_title.up.sql.
+// NNNN_title.up.sql, and records the version in DefaultTable.
 func migrateFS(ctx context.Context, fsys fs.FS, databaseURL string, logger *slog.Logger) error {
-	m, err := newMigrate(ctx, fsys, databaseURL, logger)
+	return migrateTable(ctx, fsys, DefaultTable, databaseURL, logger)
+}
+
+// migrateTable applies the up migrations in the root of fsys and records the
+// version in table.
+func migrateTable(ctx context.Context, fsys fs.FS, table, databaseURL string, logger *slog.Logger) error {
+	logger = logger.With("migrations_table", table)
+	m, err := newMigrate(ctx, fsys, table, databaseURL, logger)
 	if err != nil {
 		return err
 	}
@@ -63,7 +101,7 @@ func migrateFS(ctx context.Context, fsys fs.FS, databaseURL string, logger *slog
 		return nil
 	case errors.As(err, &dirty):
 		return fmt.Errorf("migrate database: migration %d failed earlier and left the database dirty: "+
-			"repair the schema by hand, then set schema_migrations to the last version that is complete, with dirty false", dirty.Version)
+			"repair the schema by hand, then set %s to the last version that is complete, with dirty false", dirty.Version, table)
 	case err != nil:
 		return fmt.Errorf("migrate database from version %s, stopped at version %s: %w", before, describeVersion(m), err)
 	}
@@ -74,8 +112,9 @@ func migrateFS(ctx context.Context, fsys fs.FS, databaseURL string, logger *slog
 }
 
 // newMigrate connects to the database at databaseURL and returns a Migrate that
-// reads its migrations from fsys. The caller must close it.
-func newMigrate(ctx context.Context, fsys fs.FS, databaseURL string, logger *slog.Logger) (*migrate.Migrate, error) {
+// reads its migrations from fsys and records the version in table. The caller
+// must close it.
+func newMigrate(ctx context.Context, fsys fs.FS, table, databaseURL string, logger *slog.Logger) (*migrate.Migrate, error) {
 	source, err := iofs.New(fsys, ".")
 	if err != nil {
 		return nil, fmt.Errorf("read migrations: %w", err)
@@ -97,11 +136,11 @@ func newMigrate(ctx context.Context, fsys fs.FS, databaseURL string, logger *slo
 		return nil, fmt.Errorf("connect to database %q on %s:%d: %w", config.Database, config.Host, config.Port, err)
 	}
 
-	driver, err := migratepgx.WithInstance(db, &migratepgx.Config{})
+	driver, err := migratepgx.WithInstance(db, &migratepgx.Config{MigrationsTable: table})
 	if err != nil {
 		_ = source.Close()
 		_ = db.Close()
-		return nil, fmt.Errorf("prepare the schema_migrations table: %w", err)
+		return nil, fmt.Errorf("prepare the %s table: %w", table, err)
 	}
 
 	m, err := migrate.NewWithInstance("iofs", source, "pgx5", driver)

@@ -91,11 +91,11 @@ func DefaultConfig() Config {
 func (c Config) Validate() error {
 	var errs []error
 
-	if err := validateHostPort(c.ListenAddr); err != nil {
+	if err := ValidateHostPort(c.ListenAddr); err != nil {
 		errs = append(errs, fmt.Errorf("ListenAddr (-%s, %s) %q: %w", flagListenAddr, envListenAddr, c.ListenAddr, err))
 	}
 
-	if err := validateDatabaseURL(c.DatabaseURL); err != nil {
+	if err := ValidateDatabaseURL(c.DatabaseURL); err != nil {
 		errs = append(errs, fmt.Errorf("DatabaseURL (-%s, %s): %w", flagDatabaseURL, envDatabaseURL, err))
 	}
 
@@ -103,7 +103,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("MetricsAddr (-%s, %s) %q: %w", flagMetricsAddr, envMetricsAddr, c.MetricsAddr, err))
 	}
 
-	if _, err := parseLogLevel(c.LogLevel); err != nil {
+	if _, err := ParseLogLevel(c.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("LogLevel (-%s, %s) %q: %w", flagLogLevel, envLogLevel, c.LogLevel, err))
 	}
 
@@ -129,7 +129,7 @@ func (c Config) Validate() error {
 // Level returns LogLevel as a slog.Level, or slog.LevelInfo when LogLevel
 // is invalid.
 func (c Config) Level() slog.Level {
-	level, err := parseLogLevel(c.LogLevel)
+	level, err := ParseLogLevel(c.LogLevel)
 	if err != nil {
 		return slog.LevelInfo
 	}
@@ -172,7 +172,7 @@ func (c Config) validateMetricsAddr() error {
 		return nil
 	}
 
-	if err := validateHostPort(c.MetricsAddr); err != nil {
+	if err := ValidateHostPort(c.MetricsAddr); err != nil {
 		return err
 	}
 
@@ -184,7 +184,9 @@ func (c Config) validateMetricsAddr() error {
 	return nil
 }
 
-func validateHostPort(addr string) error {
+// ValidateHostPort checks that addr is host:port with a port from 0 to 65535,
+// without resolving the host.
+func ValidateHostPort(addr string) error {
 	if addr == "" {
 		return errors.New("missing, must be host:port")
 	}
@@ -201,7 +203,9 @@ func validateHostPort(addr string) error {
 	return nil
 }
 
-func validateDatabaseURL(databaseURL string) error {
+// ValidateDatabaseURL checks that databaseURL is a PostgreSQL connection
+// string that pgx parses, without connecting. Its errors mask the password.
+func ValidateDatabaseURL(databaseURL string) error {
 	if databaseURL == "" {
 		return errors.New("missing, must be a PostgreSQL connection string such as postgres://user:password@127.0.0.1:5432/metering")
 	}
@@ -215,7 +219,9 @@ func validateDatabaseURL(databaseURL string) error {
 	return nil
 }
 
-func parseLogLevel(s string) (slog.Level, error) {
+// ParseLogLevel returns the slog level named debug, info, warn or error, in
+// any case.
+func ParseLogLevel(s string) (slog.Level, error) {
 	switch strings.ToLower(s) {
 	case "debug":
 		return slog.LevelDebug, nil

@@ -22,9 +22,23 @@ const (
 	serviceFieldKey    = "grpc.service"
 )
 
+// maxHeaderListSize is the largest request header list accepted, in bytes:
+// room for an 8 KiB JWT and the usual headers.
+const maxHeaderListSize = 16 << 10
+
 // internalErrorMessage is the status message that clients get in place of
 // the panic text.
 const internalErrorMessage = "internal error"
+
+// NewGRPCServer returns a gRPC server with the interceptors that Run uses:
+// Prometheus metrics from metrics, logging to logger without payloads or
+// metadata, panic recovery that returns Internal with a generic message, and
+// then the interceptors added with WithUnaryInterceptors and
+// WithStreamInterceptors. The listener options in opts are ignored. Other
+// servers of this module, such as the workspace server, build theirs with it.
+func NewGRPCServer(logger *slog.Logger, metrics *grpcprom.ServerMetrics, opts ...Option) *grpc.Server {
+	return newGRPCServer(logger, metrics, newOptions(opts))
+}
 
 // newGRPCServer returns a gRPC server whose interceptors run in this order:
 // Prometheus metrics, logging, panic recovery, the interceptors in opts,
@@ -54,6 +68,9 @@ func newGRPCServer(logger *slog.Logger, metrics *grpcprom.ServerMetrics, opts op
 	}
 
 	return grpc.NewServer(
+		// Headers carry at most one credential of auth.MaxJWTBytes, so a
+		// client has no reason to send megabytes of them (the grpc-go default).
+		grpc.MaxHeaderListSize(maxHeaderListSize),
 		grpc.ChainUnaryInterceptor(append(unary, opts.unaryInterceptors...)...),
 		grpc.ChainStreamInterceptor(append(stream, opts.streamInterceptors...)...),
 	)

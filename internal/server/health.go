@@ -24,13 +24,22 @@ var healthServices = []string{
 	meteringv1.MeteringAdminService_ServiceDesc.ServiceName,
 }
 
-// databaseWatcher pings PostgreSQL and sets the health status of
-// healthServices from the result.
+// databaseWatcher pings PostgreSQL and sets the health status of services,
+// or of healthServices when services is nil, from the result.
 type databaseWatcher struct {
 	pool     *pgxpool.Pool
 	health   *health.Server
+	services []string
 	interval time.Duration
 	logger   *slog.Logger
+}
+
+// WatchDatabase pings PostgreSQL through pool at once and then every
+// interval until ctx is done, and sets the health status of each name in
+// services to SERVING while the pings succeed and to NOT_SERVING while they
+// fail. It logs only the changes. A ping gets max(interval, 1s) to succeed.
+func WatchDatabase(ctx context.Context, pool *pgxpool.Pool, health *health.Server, services []string, interval time.Duration, logger *slog.Logger) {
+	databaseWatcher{pool: pool, health: health, services: services, interval: interval, logger: logger}.run(ctx)
 }
 
 // run pings at once and then every interval until ctx is done. It logs only
@@ -73,7 +82,11 @@ func (w databaseWatcher) setStatus(ctx context.Context, pingErr error) {
 		status = healthpb.HealthCheckResponse_NOT_SERVING
 	}
 
-	for _, service := range healthServices {
+	services := w.services
+	if services == nil {
+		services = healthServices
+	}
+	for _, service := range services {
 		w.health.SetServingStatus(service, status)
 	}
 

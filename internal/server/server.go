@@ -101,21 +101,34 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger, o options) 
 	rpcMetrics := grpcprom.NewServerMetrics(grpcprom.WithServerHandlingTimeHistogram())
 	registry.MustRegister(rpcMetrics)
 
-	service := metering.New(metering.Config{Pool: pool, Logger: logger, Now: time.Now})
+	batchSizes := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "metering_batch_size",
+		Help:    "Number of concurrent reserve or commit calls run as one database statement.",
+		Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128},
+	}, []string{"op"})
+	registry.MustRegister(batchSizes)
+	service := metering.New(metering.Config{
+		Pool:    pool,
+		Logger:  logger,
+		Now:     time.Now,
+		OnBatch: func(op string, size int) { batchSizes.WithLabelValues(op).Observe(float64(size)) },
+	})
 	api := meteringapi.New(service, logger, registry)
 
 	authConfig, err := cfg.Auth.authConfig(service.TokenStore(), logger)
 	if err != nil {
+		service.Close()
 		pool.Close()
 		return nil, err
 	}
 	authenticator, err := auth.New(authConfig)
 	if err != nil {
+		service.Close()
 		pool.Close()
 		return nil, fmt.Errorf("configure authentication: %w", err)
 	}
 	policy := meteringapi.Policy()
-	for method, rule := range publicMethods() {
+	for method, rule := range PublicMethods() {
 		policy[method] = rule
 	}
 	unaryAuth, streamAuth := auth.Interceptors(authenticator, policy)
@@ -129,6 +142,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger, o options) 
 	reflection.Register(grpcServer)
 	rpcMetrics.InitializeMetrics(grpcServer)
 	if err := checkPolicy(policy, grpcServer.GetServiceInfo()); err != nil {
+		service.Close()
 		pool.Close()
 		return nil, err
 	}
@@ -147,7 +161,7 @@ func newServer(ctx context.Context, cfg Config, logger *slog.Logger, o options) 
 		auth:    authenticator,
 		grpc:    grpcServer,
 		health:  healthServer,
-		metrics: newMetricsServer(registry, logger),
+		metrics: NewMetricsServer(registry, logger),
 	}, nil
 }
 
@@ -193,6 +207,7 @@ func (s *server) serve(ctx context.Context, grpcListener, metricsListener net.Li
 	stopWatch()
 	s.health.Shutdown()
 	s.stopGRPC(shutdownCtx)
+	s.service.Close()
 	stopSweep()
 	if metricsListener != nil {
 		s.stopMetrics(shutdownCtx)
@@ -260,7 +275,10 @@ func (s *server) stopMetrics(ctx context.Context) {
 	}
 }
 
-func newMetricsServer(registry *prometheus.Registry, logger *slog.Logger) *http.Server {
+// NewMetricsServer returns an HTTP server that serves the metrics of registry
+// on GET /metrics and logs its errors to logger. The caller starts it with
+// Serve and stops it with Shutdown.
+func NewMetricsServer(registry *prometheus.Registry, logger *slog.Logger) *http.Server {
 	errorLog := slog.NewLogLogger(logger.Handler(), slog.LevelError)
 
 	mux := http.NewServeMux()
@@ -320,10 +338,10 @@ func addrString(l net.Listener) string {
 	return l.Addr().String()
 }
 
-// publicMethods returns the rules of the methods that need no credential:
+// PublicMethods returns the rules of the methods that need no credential:
 // the gRPC health service, for load balancers, and server reflection, for
 // grpcurl.
-func publicMethods() auth.Policy {
+func PublicMethods() auth.Policy {
 	public := auth.Rule{Public: true}
 	return auth.Policy{
 		healthpb.Health_Check_FullMethodName:                             public,
@@ -354,7 +372,7 @@ func checkPolicy(policy auth.Policy, info map[string]grpc.ServiceInfo) error {
 // have no authorization rule, which Run refuses to start with.
 func MissingRules() []string {
 	policy := meteringapi.Policy()
-	for method, rule := range publicMethods() {
+	for method, rule := range PublicMethods() {
 		policy[method] = rule
 	}
 	s := grpc.NewServer()
