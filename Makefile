@@ -20,20 +20,16 @@ help: ## Print the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN { FS = ":.*## " } { printf "  %-16s %s\n", $$1, $$2 }'
 
 .PHONY: run
-run: ## Run the server with migrations on DATABASE_URL, or on a local PostgreSQL when unset
-	$(USE_LOCAL_DATABASE) && $(USE_DEV_AUTH) && go run ./cmd/metering serve --migrate
+run: ## Run Metering and the workspace server on a local PostgreSQL (found or started) and print development credentials
+	$(USE_DEV_AUTH) && go run ./cmd/devstack
 
 .PHONY: tokens
-tokens: ## Print shell exports of a development operator token and a user JWT (eval "$(make tokens)")
-	@$(USE_LOCAL_DATABASE) && $(USE_DEV_AUTH) && export METERING_LOG_LEVEL=warn && \
-		go run ./cmd/metering migrate && \
-		operator="$$(go run ./cmd/metering token issue -name dev-operator -scopes admin)" && \
-		user="$$(go run ./cmd/metering token jwt -sub alice -account acme -role member)" && \
-		printf 'export OPERATOR_TOKEN=%s\nexport USER_JWT=%s\n' "$$operator" "$$user"
+tokens: ## Print shell exports of the development credentials of a running make run (eval "$(make tokens)")
+	@cat .data/devstack.env 2>/dev/null || { echo "no .data/devstack.env: start make run first" >&2; exit 1; }
 
 .PHONY: migrate
-migrate: ## Apply the migrations to DATABASE_URL, or to a local PostgreSQL when unset
-	$(USE_LOCAL_DATABASE) && go run ./cmd/metering migrate
+migrate: ## Apply Metering's and the workspace's migrations to DATABASE_URL, or to a local PostgreSQL when unset
+	$(USE_LOCAL_DATABASE) && go run ./cmd/metering migrate && go run ./cmd/workspace migrate
 
 .PHONY: test
 test: ## Run all tests with the race detector (uses DATABASE_URL, or finds or starts a local PostgreSQL)
