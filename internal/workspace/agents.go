@@ -93,6 +93,10 @@ func (a agent) proto() *workspacev1.Agent {
 // createAgent counts and creates an agent and its first runtime token. It
 // returns no token when the request id replays an earlier create, because
 // only the token's hash is stored.
+//
+// NOTE: an agent whose rows a background task wrote after its request ended
+// (see settleInBackground) has a runtime token that no caller received;
+// RotateAgentToken issues one.
 func (s *Service) createAgent(ctx context.Context, req *workspacev1.CreateAgentRequest) (agent, string, error) {
 	const operation = "CreateAgent"
 
@@ -138,29 +142,25 @@ func (s *Service) createAgent(ctx context.Context, req *workspacev1.CreateAgentR
 }
 
 // deleteAgent deletes an agent and its runtime tokens and records the
-// deletion in Metering, in one transaction: when Metering cannot be reached
-// the agent stays.
+// deletion in Metering (see deleteCounted).
 func (s *Service) deleteAgent(ctx context.Context, accountID, agentID string) error {
 	const query = `DELETE FROM workspace.agents WHERE account_id = $1 AND id = $2`
 
-	return s.inTx(ctx, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, query, accountID, agentID)
-		if err != nil {
-			return fmt.Errorf("delete agent %q: %w", agentID, translate(err))
-		}
-		if tag.RowsAffected() == 0 {
-			return &notFoundError{kind: "agent", id: agentID}
-		}
-
-		counted, err := s.meter.recordDeletion(ctx, accountID, meteringv1.Metric_METRIC_AGENTS, agentID)
-		if err != nil {
-			return err
-		}
-		if !counted {
-			s.logger.WarnContext(ctx, "deleted agent was not counted in Metering", "account_id", accountID, "agent_id", agentID)
-		}
-
-		return nil
+	return s.deleteCounted(ctx, deletion{
+		accountID:  accountID,
+		operation:  "DeleteAgent",
+		resourceID: agentID,
+		metric:     meteringv1.Metric_METRIC_AGENTS,
+		delete: func(ctx context.Context, tx pgx.Tx) (bool, error) {
+			tag, err := tx.Exec(ctx, query, accountID, agentID)
+			if err != nil {
+				return false, fmt.Errorf("delete agent %q: %w", agentID, translate(err))
+			}
+			if tag.RowsAffected() == 0 {
+				return false, &notFoundError{kind: "agent", id: agentID}
+			}
+			return true, nil
+		},
 	})
 }
 

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	meteringv1 "github.com/metering/metering/gen/metering/v1"
@@ -19,7 +18,7 @@ import (
 
 // UploadAttachment receives a header and then the bytes, counts them and
 // stores them. See uploadAttachment.
-func (m *messageServer) UploadAttachment(stream grpc.ClientStreamingServer[workspacev1.UploadAttachmentRequest, workspacev1.UploadAttachmentResponse]) error {
+func (m *messageServer) UploadAttachment(stream uploadStream) error {
 	ctx := stream.Context()
 
 	first, err := stream.Recv()
@@ -35,21 +34,10 @@ func (m *messageServer) UploadAttachment(stream grpc.ClientStreamingServer[works
 		return m.svc.toStatus(ctx, err)
 	}
 
-	next := func() ([]byte, error) {
-		msg, err := stream.Recv()
-		if err != nil {
-			return nil, err
-		}
-		if msg.GetAccountId() != "" && msg.GetAccountId() != first.GetAccountId() {
-			return nil, invalidField("account_id", "must be empty or the account_id of the first message")
-		}
-		if msg.GetHeader() != nil {
-			return nil, invalidField("header", "must be sent only in the first message")
-		}
-		return msg.GetChunk(), nil
-	}
+	chunks := newChunkReader(stream, first.GetAccountId(), m.svc.cfg.UploadIdleTimeout)
+	defer chunks.stop()
 
-	a, replayed, err := m.svc.uploadAttachment(ctx, first.GetAccountId(), header, next)
+	a, replayed, err := m.svc.uploadAttachment(ctx, first.GetAccountId(), header, chunks.next)
 	if err != nil {
 		return m.svc.toStatus(ctx, err)
 	}
@@ -101,6 +89,9 @@ type attachment struct {
 	SHA256     string
 	CreatedBy  string
 	CreateTime time.Time
+	// BlobName is the name of the file with the bytes in the blob
+	// directory. Each attempt of an upload writes a file of its own.
+	BlobName string
 }
 
 func (a attachment) proto() *workspacev1.Attachment {
@@ -119,15 +110,16 @@ func (a attachment) proto() *workspacev1.Attachment {
 // uploadAttachment stores an upload through the guard. Storage for the
 // declared size is reserved before the first byte is read. The bytes go to
 // a temporary file in the blob directory. The write renames it to the
-// attachment's file in the transaction that inserts the row, and the commit
-// counts the bytes received, which may be fewer than declared. More bytes
-// than declared abort the upload: the temporary file is removed and the
-// reservation released. next returns the next chunk, and io.EOF after the
-// last.
+// attempt's own blob file in the transaction that inserts the row, and the
+// commit counts the bytes received, which may be fewer than declared. More
+// bytes than declared, no bytes at all, a pause between chunks over
+// UploadIdleTimeout, or an upload that outlasts UploadReservationTTL abort
+// it: the files are removed and the reservation released. next returns the
+// next chunk, and io.EOF after the last.
 //
 // With an idempotency key, a retried upload returns the first attachment
 // with true, without reading its bytes.
-func (s *Service) uploadAttachment(ctx context.Context, accountID string, h *workspacev1.UploadHeader, next func() ([]byte, error)) (attachment, bool, error) {
+func (s *Service) uploadAttachment(ctx context.Context, accountID string, h *workspacev1.UploadHeader, next func(context.Context) ([]byte, error)) (attachment, bool, error) {
 	const operation = "UploadAttachment"
 
 	hash, err := requestHash(operation, &workspacev1.UploadAttachmentRequest{
@@ -141,13 +133,15 @@ func (s *Service) uploadAttachment(ctx context.Context, accountID string, h *wor
 		return attachment{}, false, err
 	}
 
+	id := resourceID(attachmentPrefix, accountID, h.GetIdempotencyKey())
 	a := attachment{
-		ID:         resourceID(attachmentPrefix, accountID, h.GetIdempotencyKey()),
+		ID:         id,
 		AccountID:  accountID,
 		MessageID:  h.GetMessageId(),
 		FileName:   h.GetFileName(),
 		CreatedBy:  actor(ctx),
 		CreateTime: s.now(),
+		BlobName:   newBlobName(id),
 	}
 	var tempPath string
 	placed := false
@@ -160,9 +154,14 @@ func (s *Service) uploadAttachment(ctx context.Context, accountID string, h *wor
 		resourceID:   a.ID,
 		reserved:     []*meteringv1.UsageItem{{Metric: meteringv1.Metric_METRIC_STORAGE_BYTES, Amount: h.GetSize()}},
 		ttl:          s.cfg.UploadReservationTTL,
-		receive: func(context.Context) ([]*meteringv1.UsageItem, error) {
+		receive: func(ctx context.Context) ([]*meteringv1.UsageItem, error) {
+			// The upload must end before its reservation expires.
+			ttl := s.cfg.UploadReservationTTL
+			ctx, cancel := context.WithTimeoutCause(ctx, ttl, &uploadTimeoutError{limit: ttl})
+			defer cancel()
+
 			var err error
-			tempPath, a.Size, a.SHA256, err = s.receiveBlob(h.GetSize(), next)
+			tempPath, a.Size, a.SHA256, err = s.receiveBlob(ctx, h.GetSize(), next)
 			if err != nil || a.Size == h.GetSize() {
 				return nil, err
 			}
@@ -172,14 +171,19 @@ func (s *Service) uploadAttachment(ctx context.Context, accountID string, h *wor
 			if err := insertAttachment(ctx, tx, a); err != nil {
 				return err
 			}
-			if err := s.blobs.place(tempPath, a.ID); err != nil {
+			// A second write, after a failed transaction, finds the file in
+			// place already.
+			if placed {
+				return nil
+			}
+			if err := s.blobs.place(tempPath, a.BlobName); err != nil {
 				return err
 			}
 			placed = true
 			return nil
 		},
 		discard: func() {
-			s.discardUpload(ctx, tempPath, a.ID, placed)
+			s.discardUpload(ctx, tempPath, a, placed)
 		},
 	})
 	if err != nil {
@@ -196,9 +200,10 @@ func (s *Service) uploadAttachment(ctx context.Context, accountID string, h *wor
 // receiveBlob writes the chunks that next returns to a temporary file until
 // next returns io.EOF, and returns the file's path, its size and the
 // lowercase hex SHA-256 of its bytes. It stops with an uploadTooLargeError
-// before writing a chunk that would take the size over declared. The path is
-// returned with any error, so the caller can remove the file.
-func (s *Service) receiveBlob(declared int64, next func() ([]byte, error)) (path string, size int64, sum string, err error) {
+// before writing a chunk that would take the size over declared, and with
+// an invalidError when no byte arrived. The path is returned with any
+// error, so the caller can remove the file.
+func (s *Service) receiveBlob(ctx context.Context, declared int64, next func(context.Context) ([]byte, error)) (path string, size int64, sum string, err error) {
 	f, err := s.blobs.createTemp()
 	if err != nil {
 		return "", 0, "", err
@@ -212,7 +217,7 @@ func (s *Service) receiveBlob(declared int64, next func() ([]byte, error)) (path
 
 	h := sha256.New()
 	for {
-		chunk, err := next()
+		chunk, err := next(ctx)
 		if errors.Is(err, io.EOF) {
 			break
 		}
@@ -230,6 +235,10 @@ func (s *Service) receiveBlob(declared int64, next func() ([]byte, error)) (path
 		size += int64(len(chunk))
 	}
 
+	if size == 0 {
+		return path, 0, "", invalidField("chunk",
+			"no bytes arrived, but header.size declared %d; send at least 1 byte, nothing was stored", declared)
+	}
 	if err := f.Sync(); err != nil {
 		return path, size, "", fmt.Errorf("sync temporary upload file: %w", err)
 	}
@@ -237,68 +246,68 @@ func (s *Service) receiveBlob(declared int64, next func() ([]byte, error)) (path
 	return path, size, hex.EncodeToString(h.Sum(nil)), nil
 }
 
-// discardUpload removes the files of an upload whose rows were not
-// committed: the temporary file, and the attachment's file once placed.
-func (s *Service) discardUpload(ctx context.Context, tempPath, id string, placed bool) {
+// discardUpload removes the files of an upload attempt whose row was not
+// committed: the temporary file, and the attempt's blob file once placed.
+// No other attempt uses them.
+func (s *Service) discardUpload(ctx context.Context, tempPath string, a attachment, placed bool) {
 	var paths []string
 	if tempPath != "" {
 		paths = append(paths, tempPath)
 	}
 	if placed {
-		paths = append(paths, s.blobs.path(id))
+		paths = append(paths, s.blobs.path(a.BlobName))
 	}
 
 	for _, path := range paths {
 		if err := remove(path); err != nil {
-			s.logger.ErrorContext(ctx, "remove file of a failed upload failed", "attachment_id", id, "error", err)
+			s.logger.ErrorContext(ctx, "remove file of a failed upload failed", "attachment_id", a.ID, "error", err)
 		}
 	}
 }
 
 // deleteAttachment deletes an attachment's row and records the deletion in
-// Metering in one transaction, then removes its file. When Metering cannot
-// be reached the attachment stays.
+// Metering (see deleteCounted), then removes its file.
 func (s *Service) deleteAttachment(ctx context.Context, accountID, attachmentID string) error {
-	const query = `DELETE FROM workspace.attachments WHERE account_id = $1 AND id = $2`
+	const query = `
+		DELETE FROM workspace.attachments
+		WHERE account_id = $1 AND id = $2
+		RETURNING coalesce(blob_name, id)`
 
-	err := s.inTx(ctx, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, query, accountID, attachmentID)
-		if err != nil {
-			return fmt.Errorf("delete attachment %q: %w", attachmentID, translate(err))
-		}
-		if tag.RowsAffected() == 0 {
-			return &notFoundError{kind: "attachment", id: attachmentID}
-		}
-
-		counted, err := s.meter.recordDeletion(ctx, accountID, meteringv1.Metric_METRIC_STORAGE_BYTES, attachmentID)
-		if err != nil {
-			return err
-		}
-		if !counted {
-			s.logger.WarnContext(ctx, "deleted attachment was not counted in Metering", "account_id", accountID, "attachment_id", attachmentID)
-		}
-
-		return nil
+	var blobName string
+	return s.deleteCounted(ctx, deletion{
+		accountID:  accountID,
+		operation:  "DeleteAttachment",
+		resourceID: attachmentID,
+		metric:     meteringv1.Metric_METRIC_STORAGE_BYTES,
+		delete: func(ctx context.Context, tx pgx.Tx) (bool, error) {
+			var name string
+			err := tx.QueryRow(ctx, query, accountID, attachmentID).Scan(&name)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return false, &notFoundError{kind: "attachment", id: attachmentID}
+			}
+			if err != nil {
+				return false, fmt.Errorf("delete attachment %q: %w", attachmentID, translate(err))
+			}
+			blobName = name
+			return true, nil
+		},
+		deleted: func() {
+			// NOTE: a file that cannot be removed stays in the blob
+			// directory without a row until the start-up sweep; its bytes
+			// are no longer counted.
+			if err := remove(s.blobs.path(blobName)); err != nil {
+				s.logger.ErrorContext(ctx, "remove file of a deleted attachment failed", "attachment_id", attachmentID, "error", err)
+			}
+		},
 	})
-	if err != nil {
-		return err
-	}
-
-	// NOTE: a file that cannot be removed stays in the blob directory
-	// without a row; its bytes are no longer counted.
-	if err := remove(s.blobs.path(attachmentID)); err != nil {
-		s.logger.ErrorContext(ctx, "remove file of a deleted attachment failed", "attachment_id", attachmentID, "error", err)
-	}
-
-	return nil
 }
 
 func insertAttachment(ctx context.Context, tx pgx.Tx, a attachment) error {
 	const query = `
-		INSERT INTO workspace.attachments (id, account_id, message_id, file_name, size, sha256, created_by, create_time)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`
+		INSERT INTO workspace.attachments (id, account_id, message_id, file_name, size, sha256, created_by, create_time, blob_name)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`
 
-	if _, err := tx.Exec(ctx, query, a.ID, a.AccountID, a.MessageID, a.FileName, a.Size, a.SHA256, a.CreatedBy, a.CreateTime); err != nil {
+	if _, err := tx.Exec(ctx, query, a.ID, a.AccountID, a.MessageID, a.FileName, a.Size, a.SHA256, a.CreatedBy, a.CreateTime, a.BlobName); err != nil {
 		return fmt.Errorf("insert attachment %q: %w", a.ID, translate(err))
 	}
 

@@ -225,9 +225,11 @@ func (s *Service) duplicateDocument(ctx context.Context, req *workspacev1.Duplic
 }
 
 // upsertDocument updates the document with the key, or creates it. It
-// returns true when it created the document. When a concurrent upsert of the
-// same key creates it first, the insert fails on the key's unique constraint,
-// its reservation is released, and the next attempt updates.
+// returns true when it created the document. Keys are unique per account,
+// not per task, so a task_id that differs from the existing document's task
+// is rejected (see updateDocumentByKey). When a concurrent upsert of the
+// same key creates it first, the insert fails on the key's unique
+// constraint, its reservation is released, and the next attempt updates.
 func (s *Service) upsertDocument(ctx context.Context, req *workspacev1.UpsertDocumentRequest) (document, bool, error) {
 	for range upsertAttempts {
 		d, found, err := s.updateDocumentByKey(ctx, req)
@@ -296,57 +298,79 @@ func (s *Service) insertDocumentGuarded(ctx context.Context, d document, operati
 }
 
 // updateDocumentByKey sets the name and content of the document with the
-// key, and reports false when no document has it.
+// key, and reports false when no document has it. A task_id in req must
+// name the document's own task: another existing task is a
+// documentTaskError, and a task that does not exist a notFoundError.
 func (s *Service) updateDocumentByKey(ctx context.Context, req *workspacev1.UpsertDocumentRequest) (document, bool, error) {
-	const query = `
-		UPDATE workspace.documents SET name = $3, content = $4, update_time = $5
+	const selectQuery = `SELECT ` + documentColumns + `
+		FROM workspace.documents
 		WHERE account_id = $1 AND doc_key = $2
+		FOR NO KEY UPDATE`
+	const updateQuery = `
+		UPDATE workspace.documents SET name = $3, content = $4, update_time = $5
+		WHERE account_id = $1 AND id = $2
 		RETURNING ` + documentColumns
 
-	d, err := scanDocument(s.pool.QueryRow(ctx, query, req.GetAccountId(), req.GetKey(), req.GetName(), req.GetContent(), s.now()))
-	if errors.Is(err, pgx.ErrNoRows) {
-		return document{}, false, nil
-	}
+	var d document
+	found := false
+	err := s.inTx(ctx, func(tx pgx.Tx) error {
+		existing, err := scanDocument(tx.QueryRow(ctx, selectQuery, req.GetAccountId(), req.GetKey()))
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("get document with key %q: %w", req.GetKey(), translate(err))
+		}
+
+		if taskID := req.GetTaskId(); taskID != "" && taskID != existing.TaskID {
+			if err := checkTask(ctx, tx, req.GetAccountId(), taskID); err != nil {
+				return err
+			}
+			return &documentTaskError{key: req.GetKey(), taskID: taskID, documentTaskID: existing.TaskID}
+		}
+
+		d, err = scanDocument(tx.QueryRow(ctx, updateQuery, req.GetAccountId(), existing.ID, req.GetName(), req.GetContent(), s.now()))
+		if err != nil {
+			return fmt.Errorf("update document with key %q: %w", req.GetKey(), translate(err))
+		}
+		found = true
+
+		return nil
+	})
 	if err != nil {
-		return document{}, false, fmt.Errorf("update document with key %q: %w", req.GetKey(), translate(err))
+		return document{}, false, err
 	}
 
-	return d, true, nil
+	return d, found, nil
 }
 
 // deleteDocument deletes a document. For a file in a task it records the
-// deletion in Metering in the same transaction, so the task's slot is freed
-// exactly when the row goes. When Metering cannot be reached, the document
-// stays. A file outside any task adds to no running total, and a folder
-// counts nothing, so their deletions do not call Metering.
+// deletion in Metering in the same transaction (see deleteCounted), so the
+// task's slot is freed exactly when the row goes. A file outside any task
+// adds to no running total, and a folder counts nothing, so their deletions
+// do not call Metering and work while Metering is unavailable.
 func (s *Service) deleteDocument(ctx context.Context, accountID, documentID string) error {
 	const query = `
 		DELETE FROM workspace.documents
 		WHERE account_id = $1 AND id = $2
 		RETURNING kind, coalesce(task_id, '')`
 
-	return s.inTx(ctx, func(tx pgx.Tx) error {
-		var kind, taskID string
-		err := tx.QueryRow(ctx, query, accountID, documentID).Scan(&kind, &taskID)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return &notFoundError{kind: "document", id: documentID}
-		}
-		if err != nil {
-			return fmt.Errorf("delete document %q: %w", documentID, translate(err))
-		}
-		if kind != kindFile || taskID == "" {
-			return nil
-		}
-
-		counted, err := s.meter.recordDeletion(ctx, accountID, meteringv1.Metric_METRIC_DOCUMENTS, documentID)
-		if err != nil {
-			return err
-		}
-		if !counted {
-			s.logger.WarnContext(ctx, "deleted document was not counted in Metering", "account_id", accountID, "document_id", documentID)
-		}
-
-		return nil
+	return s.deleteCounted(ctx, deletion{
+		accountID:  accountID,
+		operation:  "DeleteDocument",
+		resourceID: documentID,
+		metric:     meteringv1.Metric_METRIC_DOCUMENTS,
+		delete: func(ctx context.Context, tx pgx.Tx) (bool, error) {
+			var kind, taskID string
+			err := tx.QueryRow(ctx, query, accountID, documentID).Scan(&kind, &taskID)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return false, &notFoundError{kind: "document", id: documentID}
+			}
+			if err != nil {
+				return false, fmt.Errorf("delete document %q: %w", documentID, translate(err))
+			}
+			return kind == kindFile && taskID != "", nil
+		},
 	})
 }
 

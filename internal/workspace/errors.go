@@ -25,6 +25,9 @@ const (
 	// ReasonTooManyAttempts: a request id failed so often that it has no
 	// idempotency key left in Metering.
 	ReasonTooManyAttempts = "TOO_MANY_ATTEMPTS"
+	// ReasonDocumentInOtherTask: UpsertDocument named a task_id, but the
+	// document with the key belongs to another task, or to none.
+	ReasonDocumentInOtherTask = "DOCUMENT_IN_OTHER_TASK"
 
 	meteringReasonReservationExpired = "RESERVATION_EXPIRED"
 	meteringReasonKeyReused          = "IDEMPOTENCY_KEY_REUSED"
@@ -40,6 +43,12 @@ const (
 	internalErrorMessage       = "internal error"
 	databaseUnavailableMessage = "the workspace database is unavailable, so nothing was changed; retry with backoff"
 	meteringUnavailableMessage = "Metering is unavailable, so nothing was changed; retry with backoff"
+	meteringPendingMessage     = "Metering is unavailable, so the create could not be confirmed: it is completed " +
+		"or undone in the background, and a retry with the same request id returns the result"
+	databasePendingMessage = "the workspace database is unavailable, so the create could not be confirmed: it is " +
+		"completed in the background, and a retry with the same request id returns the result"
+	deletePendingMessage = "the workspace database is unavailable, so the delete could not be confirmed: it is " +
+		"completed in the background"
 )
 
 // invalidError is a request with invalid fields.
@@ -106,9 +115,69 @@ var errTooManyAttempts = errors.New("the request failed too many times with this
 // request released or committed for another resource meanwhile.
 var errConcurrentAttempt = errors.New("a concurrent attempt of this request changed its reservation")
 
+// errAlreadyCommitted is a reservation that Metering committed already:
+// another attempt of the same request committed it with other amounts, or a
+// release came after the commit.
+var errAlreadyCommitted = errors.New("the reservation was committed already")
+
 // errDatabaseUnavailable wraps errors that mean PostgreSQL could not serve
 // the request.
 var errDatabaseUnavailable = errors.New("database unavailable")
+
+// errMeteringTimedOut ends the time budget of the Metering calls that a
+// create or delete makes while its transaction is open.
+var errMeteringTimedOut = errors.New("metering did not respond within the time budget")
+
+// pendingError is a create or delete whose outcome is not known when the
+// request ends, because Metering or the database did not respond in time. A
+// background task completes it, or undoes it, later.
+type pendingError struct {
+	cause error
+	// deletion is set for a delete.
+	deletion bool
+}
+
+func (e *pendingError) Error() string {
+	if e.deletion {
+		return "delete settled in the background: " + e.cause.Error()
+	}
+
+	return "create settled in the background: " + e.cause.Error()
+}
+
+func (e *pendingError) Unwrap() error { return e.cause }
+
+// uploadTimeoutError is an upload aborted because no chunk arrived within
+// the idle timeout, or because it outlasted its reservation.
+type uploadTimeoutError struct {
+	idle  bool
+	limit time.Duration
+}
+
+func (e *uploadTimeoutError) Error() string {
+	if e.idle {
+		return fmt.Sprintf("no chunk arrived for %s, so the upload was aborted", e.limit)
+	}
+
+	return fmt.Sprintf("the upload took longer than its reservation of %s, so it was aborted", e.limit)
+}
+
+// documentTaskError is an UpsertDocument whose task_id differs from the task
+// of the existing document with the key.
+type documentTaskError struct {
+	key            string
+	taskID         string
+	documentTaskID string // empty for a document outside any task
+}
+
+func (e *documentTaskError) Error() string {
+	owner := "no task"
+	if e.documentTaskID != "" {
+		owner = fmt.Sprintf("task %q", e.documentTaskID)
+	}
+
+	return fmt.Sprintf("the document with key %q belongs to %s, not to task %q", e.key, owner, e.taskID)
+}
 
 // uploadTooLargeError is an upload that sent more bytes than its header
 // declared.
@@ -144,6 +213,9 @@ func (s *Service) toStatus(ctx context.Context, err error) error {
 		reused    *requestReusedError
 		deleted   *resourceGoneError
 		tooLarge  *uploadTooLargeError
+		timedOut  *uploadTimeoutError
+		wrongTask *documentTaskError
+		pending   *pendingError
 		meterErr  *meteringError
 		statusErr interface{ GRPCStatus() *status.Status }
 	)
@@ -171,18 +243,34 @@ func (s *Service) toStatus(ctx context.Context, err error) error {
 			&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{
 				Field: "chunk", Description: fmt.Sprintf("the chunks must add up to at most header.size, %d bytes", tooLarge.declared),
 			}}})
+	case errors.As(err, &timedOut):
+		return status.Error(codes.DeadlineExceeded, timedOut.Error()+" and nothing was stored; send the chunks without long pauses")
+	case errors.As(err, &wrongTask):
+		return withDetails(codes.FailedPrecondition, wrongTask.Error()+"; leave task_id empty or name the document's task",
+			&errdetails.ErrorInfo{Reason: ReasonDocumentInOtherTask, Domain: errorDomain, Metadata: map[string]string{
+				"key": wrongTask.key, "task_id": wrongTask.taskID, "document_task_id": wrongTask.documentTaskID,
+			}})
+	case errors.As(err, &pending):
+		s.logOutage(ctx, "outcome settled in the background; repeats within the log interval are not logged", err)
+		switch {
+		case pending.deletion:
+			return status.Error(codes.Unavailable, deletePendingMessage)
+		case errors.Is(err, errDatabaseUnavailable):
+			return status.Error(codes.Unavailable, databasePendingMessage)
+		}
+		return status.Error(codes.Unavailable, meteringPendingMessage)
 	case errors.Is(err, errTooManyAttempts):
 		return withDetails(codes.FailedPrecondition, err.Error()+"; use a new request id",
 			&errdetails.ErrorInfo{Reason: ReasonTooManyAttempts, Domain: errorDomain})
-	case errors.Is(err, errConcurrentAttempt):
+	case errors.Is(err, errConcurrentAttempt), errors.Is(err, errAlreadyCommitted):
 		return status.Error(codes.Aborted, err.Error()+"; retry the request")
 	case errors.As(err, &meterErr):
 		return s.meteringStatus(ctx, meterErr)
+	case errors.Is(err, errMeteringTimedOut):
+		s.logOutage(ctx, "metering unavailable; repeats within the log interval are not logged", err)
+		return status.Error(codes.Unavailable, meteringUnavailableMessage)
 	case errors.Is(err, errDatabaseUnavailable):
-		s.outageLog.Do(func() {
-			s.logger.WarnContext(ctx, "database unavailable; repeats within the log interval are not logged",
-				"error", err, "log_interval", outageLogInterval)
-		})
+		s.logOutage(ctx, "database unavailable; repeats within the log interval are not logged", err)
 		return status.Error(codes.Unavailable, databaseUnavailableMessage)
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
@@ -201,6 +289,13 @@ func (s *Service) toStatus(ctx context.Context, err error) error {
 	s.logger.ErrorContext(ctx, "request failed", "error", err)
 
 	return status.Error(codes.Internal, internalErrorMessage)
+}
+
+// logOutage logs err at most once per outageLogInterval.
+func (s *Service) logOutage(ctx context.Context, msg string, err error) {
+	s.outageLog.Do(func() {
+		s.logger.WarnContext(ctx, msg, "error", err, "log_interval", outageLogInterval)
+	})
 }
 
 // meteringStatus maps a failed Metering call. Quota rejections pass through

@@ -2,6 +2,7 @@ package workspace
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"time"
@@ -18,11 +19,12 @@ import (
 // to the next key, so a request id allows this many failed attempts.
 const maxKeyGenerations = 32
 
-// Metering reasons of a commit that another attempt of the same request
-// raced with.
+// Metering reasons of a commit or release that another attempt of the same
+// request raced with.
 const (
 	meteringReasonReservationReleased  = "RESERVATION_RELEASED"
 	meteringReasonReservationCommitted = "RESERVATION_COMMITTED"
+	meteringReasonCommitMismatch       = "COMMIT_MISMATCH"
 )
 
 // meter calls Metering, retrying the calls that failed with UNAVAILABLE or a
@@ -44,8 +46,9 @@ type keyOrigin struct {
 // call runs fn with a timeout per attempt. An attempt that fails with
 // UNAVAILABLE or DEADLINE_EXCEEDED is retried after a backoff that doubles,
 // with jitter, up to m.attempts attempts in all. Only idempotent calls go
-// through call. It returns ctx's error when ctx ends, and a meteringError
-// for any other failure.
+// through call. It returns the cause of ctx's end when ctx ends (ctx's
+// error, or errMeteringTimedOut for a budget from meteringBudget), and a
+// meteringError for any other failure.
 func call[Resp any](ctx context.Context, m *meter, method string, origin keyOrigin, fn func(context.Context) (Resp, error)) (Resp, error) {
 	delay := m.backoff
 	for attempt := 1; ; attempt++ {
@@ -58,7 +61,7 @@ func call[Resp any](ctx context.Context, m *meter, method string, origin keyOrig
 
 		var zero Resp
 		if ctx.Err() != nil {
-			return zero, fmt.Errorf("metering %s: %w", method, ctx.Err())
+			return zero, fmt.Errorf("metering %s: %w", method, context.Cause(ctx))
 		}
 
 		st := status.Convert(err)
@@ -72,7 +75,7 @@ func call[Resp any](ctx context.Context, m *meter, method string, origin keyOrig
 		wait := delay/2 + rand.N(delay/2+1)
 		select {
 		case <-ctx.Done():
-			return zero, fmt.Errorf("metering %s: %w", method, ctx.Err())
+			return zero, fmt.Errorf("metering %s: %w", method, context.Cause(ctx))
 		case <-time.After(wait):
 		}
 		delay *= 2
@@ -82,10 +85,12 @@ func call[Resp any](ctx context.Context, m *meter, method string, origin keyOrig
 // reservation is capacity held in Metering for one create.
 type reservation struct {
 	id string
-	// committed marks the replay of a reservation that an earlier attempt
-	// of the request committed for the same resource: committing it again
-	// counts nothing, and it must never be released.
+	// committed marks a reservation that Metering committed for the
+	// resource, by an earlier attempt of the request or by this one.
+	// Committing it again counts nothing, and it must never be released.
 	committed bool
+	// released marks a reservation that this attempt released already.
+	released bool
 }
 
 // reserveRequest is a reservation to make.
@@ -98,6 +103,9 @@ type reserveRequest struct {
 	keyBase    string
 	origin     keyOrigin
 	resourceID string
+	// skipCommitted makes reserve pass over the keys whose reservation an
+	// earlier attempt committed, and reserve anew under the next free key.
+	skipCommitted bool
 }
 
 // reserve holds the capacity of req.items.
@@ -106,8 +114,10 @@ type reserveRequest struct {
 // retry after a lost response returns the same reservation. With one, the
 // keys are keyBase/0, keyBase/1 and so on: a key whose reservation an earlier
 // attempt released, or that expired, is spent, and reserve moves to the
-// next. A pending reservation is used as it is. It returns
-// errTooManyAttempts when every key is spent.
+// next. A pending reservation is used as it is. A reservation committed for
+// the same resource is returned with committed set, unless
+// req.skipCommitted is set. It returns errTooManyAttempts when every key is
+// spent.
 func (m *meter) reserve(ctx context.Context, req reserveRequest) (reservation, error) {
 	if req.keyBase == "" {
 		r, err := m.checkAndReserve(ctx, req, newID(meteringKeyPrefix))
@@ -131,7 +141,7 @@ func (m *meter) reserve(ctx context.Context, req reserveRequest) (reservation, e
 			// An earlier attempt committed in Metering, and then its
 			// transaction failed, so no row exists yet: writing the row now
 			// completes that create without counting again.
-			if r.GetResourceId() == req.resourceID {
+			if r.GetResourceId() == req.resourceID && !req.skipCommitted {
 				return reservation{id: r.GetId(), committed: true}, nil
 			}
 		default:
@@ -161,7 +171,8 @@ func (m *meter) checkAndReserve(ctx context.Context, req reserveRequest, key str
 // commit records the usage of a reservation for resourceID. actual lists
 // the actual amounts when they are below the reserved ones; nil commits the
 // reserved amounts. It returns errConcurrentAttempt when another attempt of
-// the same request released the reservation meanwhile.
+// the same request released the reservation meanwhile, and
+// errAlreadyCommitted when another attempt committed it with other amounts.
 func (m *meter) commit(ctx context.Context, accountID string, r reservation, resourceID string, actual []*meteringv1.UsageItem) error {
 	_, err := call(ctx, m, "Commit", keyOrigin{}, func(ctx context.Context) (*meteringv1.CommitResponse, error) {
 		return m.client.Commit(ctx, &meteringv1.CommitRequest{
@@ -174,21 +185,46 @@ func (m *meter) commit(ctx context.Context, accountID string, r reservation, res
 
 	if e, ok := err.(*meteringError); ok && e.status.Code() == codes.FailedPrecondition {
 		switch errorReason(e.status) {
-		case meteringReasonReservationReleased, meteringReasonReservationCommitted:
+		case meteringReasonReservationReleased:
 			return fmt.Errorf("commit reservation %s: %w", r.id, errConcurrentAttempt)
+		case meteringReasonReservationCommitted, meteringReasonCommitMismatch:
+			return fmt.Errorf("commit reservation %s: %w", r.id, errAlreadyCommitted)
 		}
 	}
 
 	return err
 }
 
-// release frees a pending reservation.
+// release frees a pending reservation. Releasing a released or expired one
+// succeeds. It returns errAlreadyCommitted for a committed one.
 func (m *meter) release(ctx context.Context, accountID string, r reservation) error {
 	_, err := call(ctx, m, "Release", keyOrigin{}, func(ctx context.Context) (*meteringv1.ReleaseResponse, error) {
 		return m.client.Release(ctx, &meteringv1.ReleaseRequest{AccountId: accountID, ReservationId: r.id})
 	})
 
+	if e, ok := err.(*meteringError); ok && e.status.Code() == codes.FailedPrecondition &&
+		errorReason(e.status) == meteringReasonReservationCommitted {
+		return fmt.Errorf("release reservation %s: %w", r.id, errAlreadyCommitted)
+	}
+
 	return err
+}
+
+// settle finds out whether Metering committed a reservation whose commit
+// got no response. It releases the reservation, which Metering rejects for
+// a committed one, so afterwards the reservation can no longer change: it
+// returns true when Metering committed it, and false when it is released or
+// expired now. An error means the outcome is still unknown.
+func (m *meter) settle(ctx context.Context, accountID string, r reservation) (bool, error) {
+	err := m.release(ctx, accountID, r)
+	if errors.Is(err, errAlreadyCommitted) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+
+	return false, nil
 }
 
 // recordUsage counts usage that already happened, such as a message, under

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -92,6 +93,14 @@ func isConstraintViolation(err error, code, constraint string) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == code && pgErr.ConstraintName == constraint
 }
 
+// isPrimaryKeyViolation reports whether err is a unique violation of a
+// primary key, which PostgreSQL names <table>_pkey by default.
+func isPrimaryKeyViolation(err error) bool {
+	var pgErr *pgconn.PgError
+
+	return errors.As(err, &pgErr) && pgErr.Code == uniqueViolation && strings.HasSuffix(pgErr.ConstraintName, "_pkey")
+}
+
 // request is a row of workspace.requests: a create that carried a request
 // id.
 type request struct {
@@ -133,15 +142,20 @@ func insertRequest(ctx context.Context, tx pgx.Tx, accountID, requestID string, 
 	return nil
 }
 
-// lockRequest takes a transaction-scoped advisory lock on the request id of
-// the account, so attempts of one request run their writes one at a time.
-func lockRequest(ctx context.Context, tx pgx.Tx, accountID, requestID string) error {
+// lockAndFindRequest takes a transaction-scoped advisory lock on the request
+// id of the account, so attempts of one request run their writes one at a
+// time, and then returns the request as findRequest does.
+//
+// The lookup is a statement of its own: under READ COMMITTED a statement
+// reads a snapshot taken when it starts, so a lookup in the statement that
+// waits for the lock would miss the row of the attempt it waited for.
+func lockAndFindRequest(ctx context.Context, tx pgx.Tx, accountID, requestID string) (request, bool, error) {
 	sum := sha256.Sum256([]byte("workspace.requests\x00" + accountID + "\x00" + requestID))
 	key := int64(binary.BigEndian.Uint64(sum[:8]))
 
 	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", key); err != nil {
-		return fmt.Errorf("lock request %q: %w", requestID, translate(err))
+		return request{}, false, fmt.Errorf("lock request %q: %w", requestID, translate(err))
 	}
 
-	return nil
+	return findRequest(ctx, tx, accountID, requestID)
 }

@@ -8,7 +8,9 @@
 // in Metering, write the rows in a database transaction, commit the
 // reservation, then commit the transaction. A failed write releases the
 // reservation; a failed commit rolls the write back. When Metering cannot be
-// reached, creates fail with UNAVAILABLE and write nothing.
+// reached, creates fail with UNAVAILABLE and write nothing. A commit whose
+// response is lost is settled with a release, in the background when
+// needed, so Metering's counters end up equal to the rows.
 package workspace
 
 import (
@@ -40,7 +42,17 @@ const (
 	MaxReservationTTL = time.Hour
 	// DefaultMaxUploadBytes is the largest upload accepted: 1 GiB.
 	DefaultMaxUploadBytes = 1 << 30
-	// DefaultMeteringTimeout bounds one call to Metering.
+	// DefaultUploadIdleTimeout is the longest pause between two messages of
+	// an upload.
+	DefaultUploadIdleTimeout = 30 * time.Second
+	// MaxChunkBytes is the largest chunk of an upload: 1 MiB. A larger
+	// chunk gets INVALID_ARGUMENT. A message over gRPC's receive limit of
+	// 4 MiB, the grpc-go default that the server keeps, never reaches the
+	// handler: gRPC itself rejects it with RESOURCE_EXHAUSTED and no quota
+	// details.
+	MaxChunkBytes = 1 << 20
+	// DefaultMeteringTimeout bounds one call to Metering, and the Metering
+	// calls that a create or delete makes while its transaction is open.
 	DefaultMeteringTimeout = 5 * time.Second
 	// DefaultMeteringAttempts is how many times a Metering call that failed
 	// with UNAVAILABLE or a timeout is made in all. Every retried call is
@@ -72,7 +84,14 @@ type Config struct {
 	UploadReservationTTL time.Duration
 	// MaxUploadBytes is the largest declared size of an upload.
 	MaxUploadBytes int64
-	// MeteringTimeout bounds each call to Metering.
+	// UploadIdleTimeout is the longest pause between two messages of an
+	// upload. A longer one aborts the upload and releases its storage. An
+	// upload as a whole must end within UploadReservationTTL.
+	UploadIdleTimeout time.Duration
+	// MeteringTimeout bounds each call to Metering. It also bounds how
+	// long a create's or delete's transaction stays open waiting for
+	// Metering: once for the commit, and once more for the release that
+	// settles a commit without a response.
 	MeteringTimeout time.Duration
 	// MeteringAttempts is how many times a Metering call is made before an
 	// UNAVAILABLE or timed-out result is final.
@@ -131,6 +150,9 @@ func (c Config) Validate() error {
 	if c.MaxUploadBytes < 0 {
 		errs = append(errs, fmt.Errorf("MaxUploadBytes is %d; it must not be negative", c.MaxUploadBytes))
 	}
+	if c.UploadIdleTimeout < 0 {
+		errs = append(errs, fmt.Errorf("UploadIdleTimeout is %s; it must not be negative", c.UploadIdleTimeout))
+	}
 	if c.MeteringTimeout < 0 {
 		errs = append(errs, fmt.Errorf("MeteringTimeout is %s; it must not be negative", c.MeteringTimeout))
 	}
@@ -155,6 +177,9 @@ func (c Config) withDefaults() Config {
 	if c.MaxUploadBytes == 0 {
 		c.MaxUploadBytes = DefaultMaxUploadBytes
 	}
+	if c.UploadIdleTimeout == 0 {
+		c.UploadIdleTimeout = DefaultUploadIdleTimeout
+	}
 	if c.MeteringTimeout == 0 {
 		c.MeteringTimeout = DefaultMeteringTimeout
 	}
@@ -174,7 +199,8 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-// Service runs the workspace RPCs. It is safe for concurrent use.
+// Service runs the workspace RPCs. It is safe for concurrent use. Close
+// stops its background tasks.
 type Service struct {
 	cfg    Config
 	pool   *pgxpool.Pool
@@ -184,6 +210,10 @@ type Service struct {
 	// outageLog limits the log records of an unreachable database or
 	// Metering.
 	outageLog *rate.Sometimes
+	// tasks runs the releases and settlements that outlive a request.
+	tasks *tasks
+	// reservationUsers counts the attempts that use each reservation.
+	reservationUsers *reservationUsers
 }
 
 // New validates cfg and returns a Service.
@@ -202,9 +232,11 @@ func New(cfg Config) (*Service, error) {
 			attempts: cfg.MeteringAttempts,
 			backoff:  cfg.MeteringBackoff,
 		},
-		blobs:     blobStore{dir: cfg.BlobDir},
-		logger:    cfg.Logger,
-		outageLog: &rate.Sometimes{Interval: outageLogInterval},
+		blobs:            blobStore{dir: cfg.BlobDir},
+		logger:           cfg.Logger,
+		outageLog:        &rate.Sometimes{Interval: outageLogInterval},
+		tasks:            newTasks(),
+		reservationUsers: &reservationUsers{},
 	}, nil
 }
 

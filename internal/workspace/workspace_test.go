@@ -25,6 +25,7 @@ func TestConfigValidateNamesEveryBadField(t *testing.T) {
 		ReservationTTL:       time.Millisecond,
 		UploadReservationTTL: 2 * time.Hour,
 		MaxUploadBytes:       -1,
+		UploadIdleTimeout:    -time.Second,
 		MeteringTimeout:      -time.Second,
 		MeteringAttempts:     -1,
 		MeteringBackoff:      -time.Second,
@@ -32,7 +33,7 @@ func TestConfigValidateNamesEveryBadField(t *testing.T) {
 
 	for _, want := range []string{
 		"Pool is required", "Metering is required", "BlobDir is required",
-		"ReservationTTL is 1ms", "UploadReservationTTL is 2h0m0s", "MaxUploadBytes is -1",
+		"ReservationTTL is 1ms", "UploadReservationTTL is 2h0m0s", "MaxUploadBytes is -1", "UploadIdleTimeout is -1s",
 		"MeteringTimeout is -1s", "MeteringAttempts is -1", "MeteringBackoff is -1s",
 	} {
 		assert.ErrorContains(t, err, want)

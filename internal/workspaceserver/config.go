@@ -21,6 +21,14 @@ const (
 	DefaultLogLevel        = "info"
 	DefaultHealthInterval  = 2 * time.Second
 	DefaultShutdownTimeout = 20 * time.Second
+	// DefaultDatabaseMaxConns is the size of the database pool when
+	// DatabaseURL sets no pool_max_conns. A create holds a connection while
+	// it waits for Metering's commit, and the runtime token checks and the
+	// creates that Metering does not count need connections meanwhile, so
+	// the pool is larger than pgx's default of max(4, CPUs). 16 stays well
+	// below PostgreSQL's default max_connections of 100, which Metering's
+	// pool shares.
+	DefaultDatabaseMaxConns = 16
 )
 
 // Config configures the workspace server process. Build it with
@@ -32,7 +40,8 @@ type Config struct {
 
 	// DatabaseURL is the PostgreSQL connection string of the database that
 	// holds the workspace schema. It may contain a password, so print the
-	// Config with String or LogValue, which mask it.
+	// Config with String or LogValue, which mask it. Its pool_max_conns
+	// sets the size of the pool, DefaultDatabaseMaxConns when unset.
 	DatabaseURL string
 
 	// MeteringAddr is the host:port of Metering's gRPC API.
@@ -67,7 +76,13 @@ type Config struct {
 	// MaxUploadBytes is the largest declared size of an upload.
 	MaxUploadBytes int64
 
-	// MeteringTimeout bounds each call to Metering.
+	// UploadIdleTimeout is the longest pause between two messages of an
+	// upload; a longer one aborts the upload and releases its storage.
+	UploadIdleTimeout time.Duration
+
+	// MeteringTimeout bounds each call to Metering, and how long a create's
+	// or delete's transaction waits for Metering (twice for a create whose
+	// commit gets no response).
 	MeteringTimeout time.Duration
 
 	// HealthInterval is the time between two PostgreSQL pings that set the
@@ -93,6 +108,7 @@ func DefaultConfig() Config {
 		ReservationTTL:       workspace.DefaultReservationTTL,
 		UploadReservationTTL: workspace.DefaultUploadReservationTTL,
 		MaxUploadBytes:       workspace.DefaultMaxUploadBytes,
+		UploadIdleTimeout:    workspace.DefaultUploadIdleTimeout,
 		MeteringTimeout:      workspace.DefaultMeteringTimeout,
 		HealthInterval:       DefaultHealthInterval,
 		ShutdownTimeout:      DefaultShutdownTimeout,
@@ -153,6 +169,7 @@ func (c Config) Validate() error {
 		field, flag string
 		value       time.Duration
 	}{
+		{"UploadIdleTimeout", flagUploadIdleTimeout, c.UploadIdleTimeout},
 		{"MeteringTimeout", flagMeteringTimeout, c.MeteringTimeout},
 		{"HealthInterval", flagHealthInterval, c.HealthInterval},
 		{"ShutdownTimeout", flagShutdownTimeout, c.ShutdownTimeout},
@@ -225,10 +242,10 @@ func (c Config) Level() slog.Level {
 func (c Config) String() string {
 	return fmt.Sprintf("workspaceserver.Config{ListenAddr:%q, DatabaseURL:%q, MeteringAddr:%q, MeteringTokenFile:%q, BlobDir:%q, "+
 		"MetricsAddr:%q, LogLevel:%q, Migrate:%t, ReservationTTL:%s, UploadReservationTTL:%s, MaxUploadBytes:%d, "+
-		"MeteringTimeout:%s, HealthInterval:%s, ShutdownTimeout:%s, Auth:%+v}",
+		"UploadIdleTimeout:%s, MeteringTimeout:%s, HealthInterval:%s, ShutdownTimeout:%s, Auth:%+v}",
 		c.ListenAddr, server.MaskDatabaseURL(c.DatabaseURL), c.MeteringAddr, c.MeteringTokenFile, c.BlobDir,
 		c.MetricsAddr, c.LogLevel, c.Migrate, c.ReservationTTL, c.UploadReservationTTL, c.MaxUploadBytes,
-		c.MeteringTimeout, c.HealthInterval, c.ShutdownTimeout, c.Auth)
+		c.UploadIdleTimeout, c.MeteringTimeout, c.HealthInterval, c.ShutdownTimeout, c.Auth)
 }
 
 // GoString returns the same text as String, so that the %#v verb also masks
@@ -252,6 +269,7 @@ func (c Config) LogValue() slog.Value {
 		slog.String("reservation_ttl", c.ReservationTTL.String()),
 		slog.String("upload_reservation_ttl", c.UploadReservationTTL.String()),
 		slog.Int64("max_upload_bytes", c.MaxUploadBytes),
+		slog.String("upload_idle_timeout", c.UploadIdleTimeout.String()),
 		slog.String("metering_timeout", c.MeteringTimeout.String()),
 		slog.String("health_interval", c.HealthInterval.String()),
 		slog.String("shutdown_timeout", c.ShutdownTimeout.String()),

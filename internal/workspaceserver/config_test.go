@@ -49,6 +49,7 @@ func TestConfigValidateNamesEveryBadField(t *testing.T) {
 	cfg.ReservationTTL = 2 * time.Hour
 	cfg.UploadReservationTTL = time.Millisecond
 	cfg.MaxUploadBytes = 0
+	cfg.UploadIdleTimeout = 0
 	cfg.MeteringTimeout = 0
 	cfg.HealthInterval = -time.Second
 	cfg.ShutdownTimeout = 0
@@ -72,6 +73,7 @@ func TestConfigValidateNamesEveryBadField(t *testing.T) {
 		"ReservationTTL (-reservation-ttl, WORKSPACE_RESERVATION_TTL)",
 		"UploadReservationTTL (-upload-reservation-ttl, WORKSPACE_UPLOAD_RESERVATION_TTL)",
 		"MaxUploadBytes (-max-upload-bytes, WORKSPACE_MAX_UPLOAD_BYTES)",
+		"UploadIdleTimeout (-upload-idle-timeout, WORKSPACE_UPLOAD_IDLE_TIMEOUT)",
 		"MeteringTimeout (-metering-timeout, WORKSPACE_METERING_TIMEOUT)",
 		"HealthInterval (-health-interval, WORKSPACE_HEALTH_INTERVAL)",
 		"ShutdownTimeout (-shutdown-timeout, WORKSPACE_SHUTDOWN_TIMEOUT)",

@@ -20,6 +20,7 @@ const (
 	flagReservationTTL       = "reservation-ttl"
 	flagUploadReservationTTL = "upload-reservation-ttl"
 	flagMaxUploadBytes       = "max-upload-bytes"
+	flagUploadIdleTimeout    = "upload-idle-timeout"
 	flagMeteringTimeout      = "metering-timeout"
 	flagHealthInterval       = "health-interval"
 	flagShutdownTimeout      = "shutdown-timeout"
@@ -45,6 +46,7 @@ var envByFlag = map[string]string{
 	flagReservationTTL:       "WORKSPACE_RESERVATION_TTL",
 	flagUploadReservationTTL: "WORKSPACE_UPLOAD_RESERVATION_TTL",
 	flagMaxUploadBytes:       "WORKSPACE_MAX_UPLOAD_BYTES",
+	flagUploadIdleTimeout:    "WORKSPACE_UPLOAD_IDLE_TIMEOUT",
 	flagMeteringTimeout:      "WORKSPACE_METERING_TIMEOUT",
 	flagHealthInterval:       "WORKSPACE_HEALTH_INTERVAL",
 	flagShutdownTimeout:      "WORKSPACE_SHUTDOWN_TIMEOUT",
@@ -74,7 +76,8 @@ func ConfigFromFlags(fs *flag.FlagSet, args []string, lookupEnv func(string) (st
 	fs.StringVar(&cfg.ListenAddr, flagListenAddr, cfg.ListenAddr,
 		usage(flagListenAddr, "host:port of the gRPC listener, port 0 picks a free port"))
 	fs.StringVar(&cfg.DatabaseURL, flagDatabaseURL, cfg.DatabaseURL,
-		usage(flagDatabaseURL, "PostgreSQL connection string (required) of the database with the workspace schema, which may be Metering's"))
+		usage(flagDatabaseURL, fmt.Sprintf("PostgreSQL connection string (required) of the database with the workspace schema, which may be Metering's; "+
+			"pool_max_conns in its query sets the pool size, default %d", DefaultDatabaseMaxConns)))
 	fs.StringVar(&cfg.MeteringAddr, flagMeteringAddr, cfg.MeteringAddr,
 		usage(flagMeteringAddr, "host:port of Metering's gRPC API"))
 	fs.StringVar(&cfg.MeteringTokenFile, flagMeteringTokenFile, cfg.MeteringTokenFile,
@@ -93,8 +96,12 @@ func ConfigFromFlags(fs *flag.FlagSet, args []string, lookupEnv func(string) (st
 		usage(flagUploadReservationTTL, "how long Metering reserves the storage of an upload while its bytes arrive, from 1s to 1h"))
 	fs.Int64Var(&cfg.MaxUploadBytes, flagMaxUploadBytes, cfg.MaxUploadBytes,
 		usage(flagMaxUploadBytes, "largest declared size of an upload, in bytes"))
+	fs.DurationVar(&cfg.UploadIdleTimeout, flagUploadIdleTimeout, cfg.UploadIdleTimeout,
+		usage(flagUploadIdleTimeout, "longest pause between two chunks of an upload before it is aborted, a Go duration; "+
+			"a whole upload must end within -upload-reservation-ttl"))
 	fs.DurationVar(&cfg.MeteringTimeout, flagMeteringTimeout, cfg.MeteringTimeout,
-		usage(flagMeteringTimeout, "time limit of one call to Metering, a Go duration"))
+		usage(flagMeteringTimeout, "time limit of one call to Metering, and of the wait for Metering in a create's or delete's "+
+			"transaction, a Go duration"))
 	fs.DurationVar(&cfg.HealthInterval, flagHealthInterval, cfg.HealthInterval,
 		usage(flagHealthInterval, "time between two PostgreSQL pings that set the gRPC health status, a Go duration"))
 	fs.DurationVar(&cfg.ShutdownTimeout, flagShutdownTimeout, cfg.ShutdownTimeout,

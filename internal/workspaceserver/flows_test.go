@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"maps"
 	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 
@@ -17,6 +16,7 @@ import (
 
 	meteringv1 "github.com/metering/metering/gen/metering/v1"
 	workspacev1 "github.com/metering/metering/gen/workspace/v1"
+	"github.com/metering/metering/internal/workspace"
 )
 
 // paths are the two kinds of caller every flow is tested with: a user with a
@@ -179,7 +179,8 @@ func TestFlowsMoveExactlyTheirCounters(t *testing.T) {
 			assert.Equal(t, hex.EncodeToString(sum[:]), att.GetSha256())
 			assert.Equal(t, int64(100), att.GetSize())
 			assert.Equal(t, c.createdBy, att.GetCreatedBy())
-			stored, err := os.ReadFile(filepath.Join(s.blobDir, att.GetId()))
+			blobPath := s.blobPath(t, att.GetId())
+			stored, err := os.ReadFile(blobPath)
 			require.NoError(t, err)
 			assert.Equal(t, data, stored)
 
@@ -199,7 +200,7 @@ func TestFlowsMoveExactlyTheirCounters(t *testing.T) {
 				_, err := s.messages.DeleteAttachment(c.ctx, &workspacev1.DeleteAttachmentRequest{AccountId: account, AttachmentId: att.GetId()})
 				return err
 			})
-			assert.NoFileExists(t, filepath.Join(s.blobDir, att.GetId()))
+			assert.NoFileExists(t, blobPath)
 
 			// Agents are deleted by users on both paths.
 			step("delete of an agent", map[string]int64{"agents": -1}, func() error {
@@ -306,6 +307,54 @@ func TestPerTaskDocumentLimit(t *testing.T) {
 			assert.Equal(t, counter{used: 2}, s.usage(t, account, meteringv1.Metric_METRIC_DOCUMENTS, other))
 			assert.Equal(t, int64(documentsPerTask+3), s.used(t, account, meteringv1.Metric_METRIC_DOCUMENTS),
 				"the account counts every file created this period, deleted or not")
+		})
+	}
+}
+
+func TestUpsertDocumentKeepsItsTask(t *testing.T) {
+	t.Parallel()
+	s := startStack(t, stackOptions{})
+
+	for _, path := range paths {
+		t.Run(path, func(t *testing.T) {
+			account := s.newAccount(path)
+			c := s.newCaller(t, path, account)
+			var taskIDs []string
+			for range 2 {
+				resp, err := s.tasks.CreateTask(c.ctx, &workspacev1.CreateTaskRequest{AccountId: account, Title: "task"})
+				require.NoError(t, err)
+				taskIDs = append(taskIDs, resp.GetTask().GetId())
+			}
+			upsert := func(taskID, content string) (*workspacev1.UpsertDocumentResponse, error) {
+				return s.documents.UpsertDocument(c.ctx, &workspacev1.UpsertDocumentRequest{
+					AccountId: account, TaskId: taskID, Key: "summary", Name: "summary.md", Content: content,
+				})
+			}
+			created, err := upsert(taskIDs[0], "v1")
+			require.NoError(t, err)
+			require.True(t, created.GetCreated())
+
+			_, err = upsert(taskIDs[1], "v2")
+			st := requireCode(t, codes.FailedPrecondition, err)
+			assert.Equal(t, workspace.ReasonDocumentInOtherTask, errorInfoReason(st))
+			assert.Contains(t, st.Message(), taskIDs[0])
+			assert.Contains(t, st.Message(), taskIDs[1])
+
+			_, err = upsert("tsk_missing", "v3")
+			requireCode(t, codes.NotFound, err)
+
+			for _, taskID := range []string{"", taskIDs[0]} {
+				updated, err := upsert(taskID, "v4 "+taskID)
+				require.NoError(t, err, "task_id %q", taskID)
+				assert.False(t, updated.GetCreated())
+				assert.Equal(t, taskIDs[0], updated.GetDocument().GetTaskId(), "the document keeps its task")
+				assert.Equal(t, "v4 "+taskID, updated.GetDocument().GetContent())
+			}
+
+			assert.Equal(t, 1, s.rows(t, "documents", account))
+			snap := s.snapshot(t, account, taskIDs[1])
+			assert.Equal(t, int64(1), snap["documents"])
+			assert.Equal(t, int64(0), snap["documents/task"], "nothing moved to the other task")
 		})
 	}
 }

@@ -32,14 +32,23 @@ const (
 
 // model is what the random sequence created, as the responses report it.
 type model struct {
-	agents      map[string]string // live agent id → runtime token
-	tasks       []string
-	documents   map[string]bool // live document id → is a file
+	agents    map[string]string // live agent id → runtime token
+	tasks     []string
+	documents map[string]bool // live document id → is a file
+	// keys are the live documents that UpsertDocument created: key →
+	// document id and its task.
+	keys        map[string]upserted
 	messages    []string
 	attachments map[string]bool // live attachment ids
 	// files are the ids of every file created, deleted or not: the
 	// account's documents counter counts them for the period.
 	files map[string]bool
+}
+
+// upserted is a live document that UpsertDocument created.
+type upserted struct {
+	documentID string
+	taskID     string
 }
 
 // randomRun is the state of one random sequence.
@@ -74,6 +83,7 @@ func TestRandomSequenceKeepsCountersEqualToRows(t *testing.T) {
 		m: model{
 			agents:      map[string]string{},
 			documents:   map[string]bool{},
+			keys:        map[string]upserted{},
 			attachments: map[string]bool{},
 			files:       map[string]bool{},
 		},
@@ -305,13 +315,30 @@ func (r *randomRun) duplicateDocument(ctx context.Context) (bool, error) {
 	return false, err
 }
 
+// upsertDocument upserts one of five keys. For a live key it names the
+// document's task or none, and now and then another task, which must be
+// rejected with FAILED_PRECONDITION.
 func (r *randomRun) upsertDocument(ctx context.Context) (bool, error) {
 	key := fmt.Sprintf("key-%d", r.rng.IntN(5))
+	taskID := r.randomTask()
+	existing, live := r.m.keys[key]
+	wrongTask := live && taskID != "" && taskID != existing.taskID
+	if live && !wrongTask && r.rng.IntN(2) == 0 {
+		taskID = existing.taskID
+	}
+
 	resp, err := r.s.documents.UpsertDocument(ctx, &workspacev1.UpsertDocumentRequest{
-		AccountId: r.account, TaskId: r.randomTask(), Key: key, Name: key, Content: strconv.Itoa(r.rng.IntN(100)),
+		AccountId: r.account, TaskId: taskID, Key: key, Name: key, Content: strconv.Itoa(r.rng.IntN(100)),
 	})
+	if wrongTask {
+		if status.Code(err) != codes.FailedPrecondition {
+			r.t.Errorf("upsert of key %s in task %s, not its task %s: got %v, want FailedPrecondition", key, taskID, existing.taskID, err)
+		}
+		return false, nil
+	}
 	if err == nil && resp.GetCreated() {
 		r.addDocument(resp.GetDocument())
+		r.m.keys[key] = upserted{documentID: resp.GetDocument().GetId(), taskID: resp.GetDocument().GetTaskId()}
 	}
 
 	return false, err
@@ -326,6 +353,11 @@ func (r *randomRun) deleteDocument(ctx context.Context) (bool, error) {
 	_, err := r.s.documents.DeleteDocument(ctx, &workspacev1.DeleteDocumentRequest{AccountId: r.account, DocumentId: id})
 	if err == nil {
 		delete(r.m.documents, id)
+		for key, u := range r.m.keys {
+			if u.documentID == id {
+				delete(r.m.keys, key)
+			}
+		}
 	}
 
 	return false, err
@@ -443,17 +475,18 @@ func (r *randomRun) checkCountersEqualRows() {
 	assert.Equal(t, int64(len(r.m.messages)), messages)
 	assert.Equal(t, int64(len(r.m.documents)), count(`SELECT count(*) FROM workspace.documents WHERE account_id = $1`, r.account))
 
-	var attachmentIDs []string
-	rows, err := s.pool.Query(ctx, `SELECT id FROM workspace.attachments WHERE account_id = $1 ORDER BY id`, r.account)
+	var attachmentIDs, blobNames []string
+	rows, err := s.pool.Query(ctx, `SELECT id, blob_name FROM workspace.attachments WHERE account_id = $1 ORDER BY blob_name`, r.account)
 	require.NoError(t, err)
 	for rows.Next() {
-		var id string
-		require.NoError(t, rows.Scan(&id))
+		var id, blobName string
+		require.NoError(t, rows.Scan(&id, &blobName))
 		attachmentIDs = append(attachmentIDs, id)
+		blobNames = append(blobNames, blobName)
 	}
 	require.NoError(t, rows.Err())
-	assert.Equal(t, slices.Sorted(mapsKeys(r.m.attachments)), attachmentIDs)
-	assert.Equal(t, attachmentIDs, s.blobFiles(t), "one file per attachment, and no temporary file left")
+	assert.Equal(t, slices.Sorted(mapsKeys(r.m.attachments)), slices.Sorted(slices.Values(attachmentIDs)))
+	assert.Equal(t, blobNames, s.blobFiles(t), "one file per attachment, and no temporary file left")
 }
 
 func mapsKeys[V any](m map[string]V) func(func(string) bool) {

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -151,6 +152,7 @@ type process struct {
 	cfg      Config
 	logger   *slog.Logger
 	pool     *pgxpool.Pool
+	service  *workspace.Service
 	metering *grpc.ClientConn
 	auth     *auth.Authenticator
 	grpc     *grpc.Server
@@ -168,7 +170,11 @@ func newServer(ctx context.Context, cfg Config, files keyFiles, logger *slog.Log
 		}
 	}
 
-	pool, err := pgxpool.New(ctx, cfg.DatabaseURL)
+	poolConfig, err := newPoolConfig(cfg.DatabaseURL)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, poolConfig)
 	if err != nil {
 		return nil, fmt.Errorf("create database pool: %w", err)
 	}
@@ -195,6 +201,29 @@ func newServer(ctx context.Context, cfg Config, files keyFiles, logger *slog.Log
 	return p, nil
 }
 
+// newPoolConfig returns the pool configuration of databaseURL, with
+// DefaultDatabaseMaxConns connections unless its pool_max_conns sets
+// another number.
+func newPoolConfig(databaseURL string) (*pgxpool.Config, error) {
+	poolConfig, err := pgxpool.ParseConfig(databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("parse database URL: %w", err)
+	}
+
+	// pgxpool.ParseConfig removes pool_max_conns from the parameters it
+	// passes on, so the connection string is parsed again to tell a
+	// pool_max_conns it sets from pgx's default.
+	connConfig, err := pgx.ParseConfig(databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("parse database URL: %w", err)
+	}
+	if _, set := connConfig.RuntimeParams["pool_max_conns"]; !set {
+		poolConfig.MaxConns = DefaultDatabaseMaxConns
+	}
+
+	return poolConfig, nil
+}
+
 // buildServer builds the service, the authenticator and the gRPC and metrics
 // servers, and checks that every registered method has an access rule.
 func buildServer(cfg Config, files keyFiles, pool *pgxpool.Pool, meteringConn *grpc.ClientConn, logger *slog.Logger, o options) (*process, error) {
@@ -205,6 +234,7 @@ func buildServer(cfg Config, files keyFiles, pool *pgxpool.Pool, meteringConn *g
 		ReservationTTL:       cfg.ReservationTTL,
 		UploadReservationTTL: cfg.UploadReservationTTL,
 		MaxUploadBytes:       cfg.MaxUploadBytes,
+		UploadIdleTimeout:    cfg.UploadIdleTimeout,
 		MeteringTimeout:      cfg.MeteringTimeout,
 		Now:                  time.Now,
 		Logger:               logger,
@@ -259,6 +289,7 @@ func buildServer(cfg Config, files keyFiles, pool *pgxpool.Pool, meteringConn *g
 		cfg:      cfg,
 		logger:   logger,
 		pool:     pool,
+		service:  svc,
 		metering: meteringConn,
 		auth:     authenticator,
 		grpc:     grpcServer,
@@ -287,8 +318,8 @@ func CheckPolicy(policy auth.Policy, info map[string]grpc.ServiceInfo) error {
 
 // serve runs the servers and the background loops until ctx is done or a
 // listener fails, then stops everything in order: health status, gRPC,
-// loops, metrics, Metering connection, pool. It returns the listener
-// failure, if any.
+// loops, metrics, the service's background tasks, Metering connection,
+// pool. It returns the listener failure, if any.
 func (p *process) serve(ctx context.Context, grpcListener, metricsListener net.Listener) error {
 	serveErrs := make(chan error, 2)
 	servers := 1
@@ -304,6 +335,7 @@ func (p *process) serve(ctx context.Context, grpcListener, metricsListener net.L
 		server.WatchDatabase(loopCtx, p.pool, p.health, healthServices, p.cfg.HealthInterval, p.logger)
 	})
 	loops.Go(func() { p.auth.Run(loopCtx) })
+	loops.Go(func() { p.sweepBlobDir(loopCtx) })
 
 	p.logger.InfoContext(ctx, "workspace server started",
 		"config", p.cfg,
@@ -335,6 +367,9 @@ func (p *process) serve(ctx context.Context, grpcListener, metricsListener net.L
 	for range servers {
 		serveErr = errors.Join(serveErr, <-serveErrs)
 	}
+	// The background tasks settle creates and release reservations, so
+	// they need Metering and the pool until they end.
+	p.service.Close(shutdownCtx)
 	if err := p.metering.Close(); err != nil {
 		p.logger.WarnContext(ctx, "close Metering connection failed", "error", err)
 	}
@@ -346,6 +381,25 @@ func (p *process) serve(ctx context.Context, grpcListener, metricsListener net.L
 	p.logger.InfoContext(ctx, "workspace server stopped")
 
 	return nil
+}
+
+// sweepBlobDir runs the start-up sweep of the blob directory, and runs it
+// again every HealthInterval after a failure, such as an unavailable
+// database, until it succeeds or ctx is done.
+func (p *process) sweepBlobDir(ctx context.Context) {
+	for {
+		err := p.service.SweepBlobDir(ctx)
+		if err == nil {
+			return
+		}
+		p.logger.WarnContext(ctx, "sweep of the blob directory failed; retrying", "error", err, "retry_interval", p.cfg.HealthInterval)
+
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(p.cfg.HealthInterval):
+		}
+	}
 }
 
 func (p *process) serveGRPC(l net.Listener) error {

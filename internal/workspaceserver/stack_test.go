@@ -96,9 +96,13 @@ func newClients(conn *grpc.ClientConn) clients {
 	}
 }
 
-// stackOptions change the workspace server of a stack.
+// stackOptions change the workspace server of a stack. Zero fields keep
+// the defaults of startWorkspace.
 type stackOptions struct {
-	reservationTTL time.Duration
+	reservationTTL       time.Duration
+	uploadReservationTTL time.Duration
+	uploadIdleTimeout    time.Duration
+	meteringTimeout      time.Duration
 	// meteringAddr replaces the address of Metering, for a workspace that
 	// cannot reach it.
 	meteringAddr string
@@ -178,22 +182,7 @@ func (s *stack) startMetering() {
 // to a file.
 func (s *stack) setUpMetering() {
 	t := s.t
-	limit := func(metric meteringv1.Metric, scope meteringv1.LimitScope, max int64) *meteringv1.Limit {
-		return &meteringv1.Limit{Metric: metric, Scope: scope, Bound: &meteringv1.Limit_Max{Max: max}}
-	}
-	_, err := s.admin.UpsertPlan(s.operator, &meteringv1.UpsertPlanRequest{Plan: &meteringv1.Plan{
-		Id:          testPlan,
-		DisplayName: "Workspace tests",
-		Limits: []*meteringv1.Limit{
-			limit(meteringv1.Metric_METRIC_AGENTS, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, agentLimit),
-			limit(meteringv1.Metric_METRIC_TASKS, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, taskLimit),
-			limit(meteringv1.Metric_METRIC_DOCUMENTS, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, documentLimit),
-			limit(meteringv1.Metric_METRIC_DOCUMENTS, meteringv1.LimitScope_LIMIT_SCOPE_PARENT, documentsPerTask),
-			{Metric: meteringv1.Metric_METRIC_MESSAGES, Scope: meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, Bound: &meteringv1.Limit_Unlimited{Unlimited: true}},
-			limit(meteringv1.Metric_METRIC_STORAGE_BYTES, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, storageLimit),
-		},
-	}})
-	require.NoError(t, err)
+	s.upsertPlan(testPlan, storageLimit)
 
 	issued, err := s.admin.IssueServiceToken(s.operator, &meteringv1.IssueServiceTokenRequest{
 		Name: "workspace", Scopes: []string{auth.ScopeUsageWrite},
@@ -201,6 +190,27 @@ func (s *stack) setUpMetering() {
 	require.NoError(t, err)
 	s.tokenFile = filepath.Join(t.TempDir(), "metering-token")
 	require.NoError(t, os.WriteFile(s.tokenFile, []byte(issued.GetPlaintext()+"\n"), 0o600))
+}
+
+// upsertPlan creates or updates the plan with the limits of testPlan, but
+// storage bytes of storage.
+func (s *stack) upsertPlan(id string, storage int64) {
+	limit := func(metric meteringv1.Metric, scope meteringv1.LimitScope, max int64) *meteringv1.Limit {
+		return &meteringv1.Limit{Metric: metric, Scope: scope, Bound: &meteringv1.Limit_Max{Max: max}}
+	}
+	_, err := s.admin.UpsertPlan(s.operator, &meteringv1.UpsertPlanRequest{Plan: &meteringv1.Plan{
+		Id:          id,
+		DisplayName: "Workspace tests",
+		Limits: []*meteringv1.Limit{
+			limit(meteringv1.Metric_METRIC_AGENTS, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, agentLimit),
+			limit(meteringv1.Metric_METRIC_TASKS, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, taskLimit),
+			limit(meteringv1.Metric_METRIC_DOCUMENTS, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, documentLimit),
+			limit(meteringv1.Metric_METRIC_DOCUMENTS, meteringv1.LimitScope_LIMIT_SCOPE_PARENT, documentsPerTask),
+			{Metric: meteringv1.Metric_METRIC_MESSAGES, Scope: meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, Bound: &meteringv1.Limit_Unlimited{Unlimited: true}},
+			limit(meteringv1.Metric_METRIC_STORAGE_BYTES, meteringv1.LimitScope_LIMIT_SCOPE_ACCOUNT, storage),
+		},
+	}})
+	require.NoError(s.t, err)
 }
 
 // startWorkspace runs a workspace server on a free port that reaches
@@ -227,6 +237,15 @@ func (s *stack) startWorkspace(meteringAddr string, opts stackOptions) (string, 
 	cfg.Auth.TokenCacheTTL = 50 * time.Millisecond
 	if opts.reservationTTL != 0 {
 		cfg.ReservationTTL = opts.reservationTTL
+	}
+	if opts.uploadReservationTTL != 0 {
+		cfg.UploadReservationTTL = opts.uploadReservationTTL
+	}
+	if opts.uploadIdleTimeout != 0 {
+		cfg.UploadIdleTimeout = opts.uploadIdleTimeout
+	}
+	if opts.meteringTimeout != 0 {
+		cfg.MeteringTimeout = opts.meteringTimeout
 	}
 
 	runInBackground(t, "workspace", func(ctx context.Context) error {
@@ -372,6 +391,16 @@ func (s *stack) blobFiles(t testing.TB) []string {
 	return names
 }
 
+// blobPath returns the path of the file with the bytes of the attachment.
+func (s *stack) blobPath(t testing.TB, attachmentID string) string {
+	t.Helper()
+	var name string
+	err := s.pool.QueryRow(context.Background(), "SELECT coalesce(blob_name, id) FROM workspace.attachments WHERE id = $1", attachmentID).Scan(&name)
+	require.NoError(t, err)
+
+	return filepath.Join(s.blobDir, name)
+}
+
 // hooks runs a write hook per account, so the tests that share a stack
 // inject failures into their own account only.
 type hooks struct {
@@ -420,6 +449,21 @@ func upload(ctx context.Context, client workspacev1.MessageServiceClient, accoun
 	}
 
 	return stream.CloseAndRecv()
+}
+
+// waitFor calls cond every 20 ms until it returns true or timeout passes,
+// and reports whether it returned true. It runs cond in the test's
+// goroutine, so cond may use require.
+func waitFor(timeout time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	return true
 }
 
 // requireCode fails the test unless err has the code.

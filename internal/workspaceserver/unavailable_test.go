@@ -167,7 +167,7 @@ func TestMeteringLostBeforeCommitWritesNothing(t *testing.T) {
 			assert.Equal(t, before.rows, after.rows, "the row was rolled back")
 			assert.Equal(t, before.counters["tasks"], after.counters["tasks"], "nothing was committed")
 			assert.Equal(t, before.counters["reserved"]+1, after.counters["reserved"],
-				"the reservation could not be released and holds its capacity until it expires")
+				"the reservation could not be released yet: a background task releases it once Metering is back")
 
 			proxy.setUp(true)
 			s.hooks.set(account, nil)
@@ -180,16 +180,20 @@ func TestMeteringLostBeforeCommitWritesNothing(t *testing.T) {
 }
 
 // proxy forwards TCP connections to a target until it is set down, which
-// closes every open connection and every new one.
+// closes every open connection and every new one. While it holds, the
+// requests still reach the target, which applies them, but the responses
+// wait in the proxy: to the client the target hangs.
 type proxy struct {
 	addr     string
 	target   string
 	listener net.Listener
 
-	mu    sync.Mutex
-	up    bool
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
+	mu       sync.Mutex
+	released *sync.Cond
+	up       bool
+	held     bool
+	conns    map[net.Conn]struct{}
+	wg       sync.WaitGroup
 }
 
 func startProxy(t *testing.T, target string) *proxy {
@@ -198,6 +202,7 @@ func startProxy(t *testing.T, target string) *proxy {
 	require.NoError(t, err)
 
 	p := &proxy{addr: l.Addr().String(), target: target, listener: l, up: true, conns: map[net.Conn]struct{}{}}
+	p.released = sync.NewCond(&p.mu)
 	p.wg.Go(p.accept)
 	t.Cleanup(func() {
 		_ = l.Close()
@@ -235,7 +240,49 @@ func (p *proxy) forward(client net.Conn) {
 		_, _ = io.Copy(upstream, client)
 		_ = upstream.Close()
 	})
-	_, _ = io.Copy(client, upstream)
+	p.copyResponses(client, upstream)
+}
+
+// copyResponses copies from upstream to client, waiting while the proxy
+// holds.
+func (p *proxy) copyResponses(client, upstream net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := upstream.Read(buf)
+		if n > 0 {
+			if !p.waitWhileHeld() {
+				return
+			}
+			if _, err := client.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// waitWhileHeld waits until the proxy stops holding, and reports false when
+// it was set down meanwhile.
+func (p *proxy) waitWhileHeld() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+
+	for p.held && p.up {
+		p.released.Wait()
+	}
+
+	return p.up
+}
+
+// hold makes the proxy hold the responses, or pass them on again.
+func (p *proxy) hold(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+
+	p.held = on
+	p.released.Broadcast()
 }
 
 // track adds conn to the open connections, or closes it and returns false
@@ -266,6 +313,7 @@ func (p *proxy) setUp(up bool) {
 	defer p.mu.Unlock()
 
 	p.up = up
+	p.released.Broadcast()
 	if up {
 		return
 	}

@@ -1181,7 +1181,9 @@ func (x *DuplicateDocumentResponse) GetDocument() *Document {
 type UpsertDocumentRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	AccountId string                 `protobuf:"bytes,1,opt,name=account_id,json=accountId" json:"account_id,omitempty"`
-	// Optional: the task of a new document. An existing one keeps its task.
+	// Optional: the task of a new document. An existing document keeps its
+	// task: a task_id naming another task gets FAILED_PRECONDITION with reason
+	// DOCUMENT_IN_OTHER_TASK, and one that does not exist NOT_FOUND.
 	TaskId string `protobuf:"bytes,2,opt,name=task_id,json=taskId" json:"task_id,omitempty"`
 	// Identifies the document within the account.
 	Key           string `protobuf:"bytes,3,opt,name=key" json:"key,omitempty"`
@@ -1513,11 +1515,13 @@ type UploadHeader struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	MessageId string                 `protobuf:"bytes,1,opt,name=message_id,json=messageId" json:"message_id,omitempty"`
 	FileName  string                 `protobuf:"bytes,2,opt,name=file_name,json=fileName" json:"file_name,omitempty"`
-	// Bytes that follow. Storage for this size is reserved before any byte is
-	// stored.
+	// Bytes that follow, at least 1. Storage for this size is reserved before
+	// any byte is stored; the bytes actually sent are counted.
 	Size int64 `protobuf:"varint,3,opt,name=size" json:"size,omitempty"`
 	// Scoped to the account: a retried upload with the same key is stored and
-	// counted once.
+	// counted once. Concurrent attempts with one key share one reservation:
+	// when one fails, the others on the same server go on, but one on another
+	// server may fail with ABORTED and is then to be retried.
 	IdempotencyKey string `protobuf:"bytes,4,opt,name=idempotency_key,json=idempotencyKey" json:"idempotency_key,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
@@ -1666,6 +1670,7 @@ type UploadAttachmentRequest_Header struct {
 }
 
 type UploadAttachmentRequest_Chunk struct {
+	// At most 1 MiB.
 	Chunk []byte `protobuf:"bytes,3,opt,name=chunk,oneof"`
 }
 

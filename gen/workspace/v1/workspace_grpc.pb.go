@@ -564,9 +564,15 @@ const (
 type MessageServiceClient interface {
 	// CreateMessage stores a message and counts it.
 	CreateMessage(ctx context.Context, in *CreateMessageRequest, opts ...grpc.CallOption) (*CreateMessageResponse, error)
-	// UploadAttachment receives a header, then the bytes in chunks. Storage is
-	// reserved for the declared size before any byte is stored; more bytes
-	// than declared abort the upload and store nothing.
+	// UploadAttachment receives a header, then the bytes in chunks of at most
+	// 1 MiB each. Storage is reserved for the declared size before any byte
+	// is stored. These abort the upload, store nothing and free the storage:
+	// more bytes than declared or no bytes at all (INVALID_ARGUMENT), a chunk
+	// over 1 MiB (INVALID_ARGUMENT), a pause between two messages longer
+	// than the server's idle timeout (30 s by default), and an upload that
+	// outlasts its reservation (30 min by default) (both DEADLINE_EXCEEDED).
+	// gRPC itself rejects a message over 4 MiB with RESOURCE_EXHAUSTED and
+	// no quota details.
 	UploadAttachment(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadAttachmentRequest, UploadAttachmentResponse], error)
 	// DeleteAttachment deletes an attachment and frees its bytes.
 	DeleteAttachment(ctx context.Context, in *DeleteAttachmentRequest, opts ...grpc.CallOption) (*DeleteAttachmentResponse, error)
@@ -621,9 +627,15 @@ func (c *messageServiceClient) DeleteAttachment(ctx context.Context, in *DeleteA
 type MessageServiceServer interface {
 	// CreateMessage stores a message and counts it.
 	CreateMessage(context.Context, *CreateMessageRequest) (*CreateMessageResponse, error)
-	// UploadAttachment receives a header, then the bytes in chunks. Storage is
-	// reserved for the declared size before any byte is stored; more bytes
-	// than declared abort the upload and store nothing.
+	// UploadAttachment receives a header, then the bytes in chunks of at most
+	// 1 MiB each. Storage is reserved for the declared size before any byte
+	// is stored. These abort the upload, store nothing and free the storage:
+	// more bytes than declared or no bytes at all (INVALID_ARGUMENT), a chunk
+	// over 1 MiB (INVALID_ARGUMENT), a pause between two messages longer
+	// than the server's idle timeout (30 s by default), and an upload that
+	// outlasts its reservation (30 min by default) (both DEADLINE_EXCEEDED).
+	// gRPC itself rejects a message over 4 MiB with RESOURCE_EXHAUSTED and
+	// no quota details.
 	UploadAttachment(grpc.ClientStreamingServer[UploadAttachmentRequest, UploadAttachmentResponse]) error
 	// DeleteAttachment deletes an attachment and frees its bytes.
 	DeleteAttachment(context.Context, *DeleteAttachmentRequest) (*DeleteAttachmentResponse, error)
