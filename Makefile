@@ -35,6 +35,14 @@ migrate: ## Apply Metering's and the workspace's migrations to DATABASE_URL, or 
 test: ## Run all tests with the race detector (uses DATABASE_URL, or finds or starts a local PostgreSQL)
 	go test -race -count=1 ./...
 
+.PHONY: bench
+bench: ## Run the load benchmark of docs/BENCHMARKS.md (a few minutes); extra flags in BENCH_FLAGS, e.g. BENCH_FLAGS="-scenarios a -cpuprofile cpu.pprof"
+	go run ./cmd/meterbench $(BENCH_FLAGS)
+
+.PHONY: bench-smoke
+bench-smoke: ## Run the load benchmark for about 1 s per cell at concurrency 1 and 4; fails when a check fails
+	go run ./cmd/meterbench -duration 1s -warmup 200ms -concurrency 1,4 -accounts 500 $(BENCH_FLAGS)
+
 .PHONY: generate
 generate: ## Generate the Go code in gen/ from the protobuf files in proto/
 	go tool buf generate
