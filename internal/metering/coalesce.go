@@ -35,7 +35,7 @@ type coalescer[In, Out any] struct {
 	// returns one result per call, in order.
 	runOne  func(ctx context.Context, in In) (Out, error)
 	runMany func(ctx context.Context, in []In) ([]Out, error)
-	// observe, when set, is told the size of every batch run.
+	// observe, when set, receives the size of every batch run.
 	observe func(size int)
 }
 
@@ -66,8 +66,8 @@ func newCoalescer[In, Out any](workers, maxBatch int,
 }
 
 // do queues one call and waits for its result. When ctx ends first, it
-// returns ctx's error; the call may still run, as a statement sent to the
-// database may still commit after its client gave up.
+// returns ctx's error. The call may still run, because a statement already
+// sent to the database can commit after its client gave up.
 func (c *coalescer[In, Out]) do(ctx context.Context, in In) (Out, error) {
 	cl := &call[In, Out]{ctx: ctx, in: in, done: make(chan struct{})}
 	var zero Out
@@ -141,10 +141,10 @@ func (c *coalescer[In, Out]) work() {
 	}
 }
 
-// run runs a batch and delivers every result. Calls whose caller already
-// gave up are dropped first. When a batch statement fails for a reason
-// other than the database being unavailable, each call runs again on its
-// own, so one bad call cannot fail the others.
+// run runs a batch and delivers every result, after dropping the calls
+// whose caller already gave up. When a batch statement fails for a reason
+// other than an unavailable database, each call runs again on its own. One
+// bad call then cannot fail the others.
 func (c *coalescer[In, Out]) run(batch []*call[In, Out]) {
 	live := batch[:0]
 	for _, cl := range batch {
