@@ -80,10 +80,10 @@ func (s *Service) IssueServiceToken(ctx context.Context, req IssueTokenRequest) 
 	return info, plaintext, nil
 }
 
-// checkTokenRequest enforces the rules of a new token for every caller, the
-// admin RPC and the command line alike: a name, at least one known scope,
-// each once, an agent only within an account, and the admin scope only for
-// a token of all accounts, because admin methods are not scoped to one.
+// checkTokenRequest enforces the rules of a new token for the admin RPC and
+// the command line alike. A token needs a name and at least one known scope,
+// each listed once. An agent needs an account. The admin scope needs a token
+// of all accounts, because admin methods are not scoped to one.
 func checkTokenRequest(req IssueTokenRequest) error {
 	switch {
 	case req.Name == "":

@@ -352,9 +352,10 @@ func PublicMethods() auth.Policy {
 	}
 }
 
-// checkPolicy returns an error when a rule is malformed, a registered method
-// has no rule (every call to it would be denied), or a rule names a method
-// the server does not have (a typo that leaves the real method unlisted).
+// checkPolicy returns an error when a rule is malformed or a registered
+// method has no rule, which would deny every call to it. It also rejects a
+// rule for a method the server does not have, such as a typo that leaves the
+// real method unlisted.
 func checkPolicy(policy auth.Policy, info map[string]grpc.ServiceInfo) error {
 	if err := policy.Validate(); err != nil {
 		return fmt.Errorf("invalid authorization policy: %w", err)

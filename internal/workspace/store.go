@@ -146,7 +146,7 @@ func insertRequest(ctx context.Context, tx pgx.Tx, accountID, requestID string, 
 // id of the account, so attempts of one request run their writes one at a
 // time, and then returns the request as findRequest does.
 //
-// The lookup is a statement of its own: under READ COMMITTED a statement
+// The lookup is a statement of its own. Under READ COMMITTED a statement
 // reads a snapshot taken when it starts, so a lookup in the statement that
 // waits for the lock would miss the row of the attempt it waited for.
 func lockAndFindRequest(ctx context.Context, tx pgx.Tx, accountID, requestID string) (request, bool, error) {

@@ -97,8 +97,8 @@ func ConfigFromFlags(fs *flag.FlagSet, args []string, lookupEnv func(string) (st
 	fs.Int64Var(&cfg.MaxUploadBytes, flagMaxUploadBytes, cfg.MaxUploadBytes,
 		usage(flagMaxUploadBytes, "largest declared size of an upload, in bytes"))
 	fs.DurationVar(&cfg.UploadIdleTimeout, flagUploadIdleTimeout, cfg.UploadIdleTimeout,
-		usage(flagUploadIdleTimeout, "longest pause between two chunks of an upload before it is aborted, a Go duration; "+
-			"a whole upload must end within -upload-reservation-ttl"))
+		usage(flagUploadIdleTimeout, "maximum pause between two chunks of an upload before it is aborted, a Go duration. "+
+			"A whole upload must end within -upload-reservation-ttl"))
 	fs.DurationVar(&cfg.MeteringTimeout, flagMeteringTimeout, cfg.MeteringTimeout,
 		usage(flagMeteringTimeout, "time limit of one call to Metering, and of the wait for Metering in a create's or delete's "+
 			"transaction, a Go duration"))
