@@ -12,14 +12,14 @@ const (
 	DefaultBatchWorkers = 2
 	// DefaultMaxBatch is the largest number of calls in one batch.
 	DefaultMaxBatch = 128
-	// batchTimeout bounds one batch statement. A batch serves many callers,
+	// batchTimeout bounds one batch. A batch serves many callers,
 	// so it runs on its own context instead of any one caller's.
 	batchTimeout = 30 * time.Second
 )
 
 // coalescer runs concurrent calls in batches. A fixed number of workers each
 // take every call queued at that moment, up to maxBatch, and run them with
-// one statement. No call waits for a batch to fill: at low concurrency every
+// one transaction. No call waits for a batch to fill: at low concurrency every
 // batch holds one call, and batches grow only while the workers are busy.
 // It is safe for concurrent use.
 type coalescer[In, Out any] struct {
@@ -142,7 +142,7 @@ func (c *coalescer[In, Out]) work() {
 }
 
 // run runs a batch and delivers every result, after dropping the calls
-// whose caller already gave up. When a batch statement fails for a reason
+// whose caller already gave up. When a batch fails for a reason
 // other than an unavailable database, each call runs again on its own. One
 // bad call then cannot fail the others.
 func (c *coalescer[In, Out]) run(batch []*call[In, Out]) {

@@ -1,9 +1,12 @@
 // Package metering counts usage and enforces plan limits on PostgreSQL.
 //
-// The checks and counter changes run as SQL functions (see migrations/), one
-// statement per operation, so a reserve or commit is one round trip and one
-// transaction. Every function receives the current time from the Service's
-// clock.
+// Most checks and counter changes run as SQL functions (see migrations/), one
+// statement and one transaction per operation. Reserves and commits run in
+// batches of concurrent calls instead (see batch.go). The service reads the
+// state of a batch's counters under the accounts' row locks and decides each
+// call in Go. Then it writes the batch with set-based statements, in the
+// same transaction. Every statement receives the current time from the
+// Service's clock.
 package metering
 
 import (

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -30,7 +29,7 @@ type Config struct {
 	// once. Defaults to DefaultBatchWorkers.
 	BatchWorkers int
 	// MaxBatch is the largest number of concurrent reserves, or commits,
-	// run as one statement. Defaults to DefaultMaxBatch; 1 runs every call
+	// run as one transaction. Defaults to DefaultMaxBatch; 1 runs every call
 	// on its own.
 	MaxBatch int
 	// OnBatch, when set, is called with the operation ("reserve" or
@@ -49,7 +48,7 @@ type Service struct {
 }
 
 // New returns a Service. Concurrent Reserve and Commit calls are coalesced
-// into batches that each run as one statement and one transaction.
+// into batches that each run as one transaction of two round trips.
 func New(cfg Config) *Service {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -65,8 +64,8 @@ func New(cfg Config) *Service {
 	}
 
 	s := &Service{pool: cfg.Pool, logger: cfg.Logger, now: cfg.Now}
-	s.reserves = newCoalescer(cfg.BatchWorkers, cfg.MaxBatch, s.reserveOne, s.reserveMany)
-	s.commits = newCoalescer(cfg.BatchWorkers, cfg.MaxBatch, s.commitOne, s.commitMany)
+	s.reserves = newCoalescer(cfg.BatchWorkers, cfg.MaxBatch, s.reserveOne, s.reserveBatch)
+	s.commits = newCoalescer(cfg.BatchWorkers, cfg.MaxBatch, s.commitOne, s.commitBatch)
 	if cfg.OnBatch != nil {
 		s.reserves.observe = func(size int) { cfg.OnBatch("reserve", size) }
 		s.commits.observe = func(size int) { cfg.OnBatch("commit", size) }
@@ -81,58 +80,22 @@ func (s *Service) Close() {
 	s.commits.close()
 }
 
-// reserveCall is one reserve as the batch function reads it.
-type reserveCall struct {
-	AccountID  string   `json:"account_id"`
-	Metrics    []string `json:"metrics"`
-	ParentIDs  []string `json:"parent_ids"`
-	Amounts    []int64  `json:"amounts"`
-	Key        string   `json:"key"`
-	Hash       []byte   `json:"hash"`
-	TTLMicros  int64    `json:"ttl_us"`
-	ResourceID string   `json:"resource_id"`
-	Actor      string   `json:"actor"`
-}
-
+// reserveOne and commitOne run one call as a batch of one: a single call,
+// or a call of a batch that failed, run again on its own.
 func (s *Service) reserveOne(ctx context.Context, c reserveCall) (result, error) {
-	const query = `SELECT metering.reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`
-	var out result
-	err := s.pool.QueryRow(ctx, query, c.AccountID, c.Metrics, c.ParentIDs, c.Amounts, c.Key, c.Hash,
-		pgtype.Interval{Microseconds: c.TTLMicros, Valid: true}, c.ResourceID, c.Actor, s.now()).Scan(&out)
-	return out, translate(err)
-}
-
-func (s *Service) reserveMany(ctx context.Context, calls []reserveCall) ([]result, error) {
-	const query = `SELECT metering.reserve_many($1, $2)`
-	var out []result
-	err := s.pool.QueryRow(ctx, query, calls, s.now()).Scan(&out)
-	return out, translate(err)
-}
-
-// commitCall is one commit as the batch function reads it.
-type commitCall struct {
-	AccountID     string   `json:"account_id"`
-	ReservationID string   `json:"id"`
-	Metrics       []string `json:"metrics"`
-	ParentIDs     []string `json:"parent_ids"`
-	Amounts       []int64  `json:"amounts"`
-	ResourceID    string   `json:"resource_id"`
-	Actor         string   `json:"actor"`
+	out, err := s.reserveBatch(ctx, []reserveCall{c})
+	if err != nil {
+		return result{}, err
+	}
+	return out[0], nil
 }
 
 func (s *Service) commitOne(ctx context.Context, c commitCall) (result, error) {
-	const query = `SELECT metering.commit($1, $2, $3, $4, $5, $6, $7, $8)`
-	var out result
-	err := s.pool.QueryRow(ctx, query, c.AccountID, c.ReservationID, c.Metrics, c.ParentIDs, c.Amounts,
-		c.ResourceID, c.Actor, s.now()).Scan(&out)
-	return out, translate(err)
-}
-
-func (s *Service) commitMany(ctx context.Context, calls []commitCall) ([]result, error) {
-	const query = `SELECT metering.commit_many($1, $2)`
-	var out []result
-	err := s.pool.QueryRow(ctx, query, calls, s.now()).Scan(&out)
-	return out, translate(err)
+	out, err := s.commitBatch(ctx, []commitCall{c})
+	if err != nil {
+		return result{}, err
+	}
+	return out[0], nil
 }
 
 // ReserveRequest is a validated CheckAndReserve request.
@@ -178,7 +141,7 @@ func (s *Service) Reserve(ctx context.Context, req ReserveRequest) (ReserveResul
 		Amounts:    amounts,
 		Key:        req.IdempotencyKey,
 		Hash:       hashOrEmpty(req.RequestHash),
-		TTLMicros:  ttl.Microseconds(),
+		TTL:        ttl,
 		ResourceID: req.ResourceID,
 		Actor:      req.Actor,
 	})
