@@ -92,6 +92,9 @@ func TestBadInputIsRejectedAndWritesNothing(t *testing.T) {
 		{"zero amount", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{item(tasks, 0, "")}}), "items[0].amount"},
 		{"negative amount", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{item(tasks, -1, "")}}), "items[0].amount"},
 		{"repeated metric", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{item(documents, 1, "t1"), item(documents, 1, "t2")}}), "items[1].metric"},
+		{"repeated metric after one item per metric", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{
+			item(agents, 1, ""), item(tasks, 1, ""), item(documents, 1, ""), item(messages, 1, ""), item(storage, 1, ""), item(tasks, 1, ""),
+		}}), "items[5].metric"},
 		{"parent on metric without parent limit", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{item(tasks, 1, "t1")}}), "items[0].parent_id"},
 		{"long parent", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{item(documents, 1, long)}}), "items[0].parent_id"},
 		{"invalid utf-8 parent", reserve(&meteringv1.CheckAndReserveRequest{AccountId: "a", Items: []*meteringv1.UsageItem{item(documents, 1, "\xc3")}}), "items[0].parent_id"},

@@ -67,8 +67,13 @@ func (a *API) countReserve(list []metering.Item, res metering.ReserveResult, err
 	for _, c := range res.WouldExceed {
 		over[c.Metric] = true
 	}
-	var limitErr *metering.LimitError
-	rejected := errors.As(err, &limitErr)
+	rejected := false
+	if err != nil {
+		// Inside the branch, so that a call without error does not move
+		// limitErr to the heap.
+		var limitErr *metering.LimitError
+		rejected = errors.As(err, &limitErr)
+	}
 	for _, item := range list {
 		outcome := "granted"
 		switch {

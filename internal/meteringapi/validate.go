@@ -125,19 +125,47 @@ func (v *violations) usageItems(list []*meteringv1.UsageItem) {
 	}
 	seen := make(map[meteringv1.Metric]int)
 	for i, item := range list {
-		field := fmt.Sprintf("items[%d]", i)
-		info, known := v.metric(field+".metric", item.GetMetric())
+		field := usageItemFields(i)
+		info, known := v.metric(field.metric, item.GetMetric())
 		if known {
 			if first, dup := seen[item.GetMetric()]; dup {
-				v.add(field+".metric", "must not repeat %s, already in items[%d]", item.GetMetric(), first)
+				v.add(field.metric, "must not repeat %s, already in items[%d]", item.GetMetric(), first)
 			}
 			seen[item.GetMetric()] = i
 		}
 		if item.GetAmount() <= 0 {
-			v.add(field+".amount", "must be above zero, got %d", item.GetAmount())
+			v.add(field.amount, "must be above zero, got %d", item.GetAmount())
 		}
-		v.parent(field+".parent_id", item.GetParentId(), info, known)
+		v.parent(field.parentID, item.GetParentId(), info, known)
 	}
+}
+
+// itemFields contains the field names of one element of items.
+type itemFields struct {
+	metric, amount, parentID string
+}
+
+// commonItemFields contains the field names of the first elements of items,
+// built once, so that checking a valid request builds no strings. A valid
+// request has at most one item per metric.
+var commonItemFields = func() []itemFields {
+	fields := make([]itemFields, len(metricNames))
+	for i := range fields {
+		fields[i] = newItemFields(i)
+	}
+	return fields
+}()
+
+func usageItemFields(i int) itemFields {
+	if i < len(commonItemFields) {
+		return commonItemFields[i]
+	}
+	return newItemFields(i)
+}
+
+func newItemFields(i int) itemFields {
+	prefix := fmt.Sprintf("items[%d]", i)
+	return itemFields{metric: prefix + ".metric", amount: prefix + ".amount", parentID: prefix + ".parent_id"}
 }
 
 // ttl checks a reservation TTL: unset or zero takes the default.
