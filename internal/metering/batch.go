@@ -31,6 +31,18 @@ import (
 // writes instead of one function call per request, which is most of the CPU
 // that a busy Metering spends.
 
+// batchSettingsSQL sets the planner for the rest of a batch transaction.
+// Every batch statement looks rows up by key, and planning one costs more
+// than running it, so each is planned once per connection and reused. A plan
+// made while a table was small would scan that table on every later
+// execution, so scans and hash or merge joins are ruled out while an index
+// can serve.
+const batchSettingsSQL = `
+SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
+       set_config('enable_seqscan', 'off', true),
+       set_config('enable_hashjoin', 'off', true),
+       set_config('enable_mergejoin', 'off', true)`
+
 // lockAccountsSQL locks the accounts of a batch in id order, so two batches
 // never wait on each other in a cycle, and returns each one's current
 // billing period.
@@ -51,32 +63,33 @@ JOIN metering.idempotency_keys k ON k.account_id = u.account_id AND k.key = u.ke
 // counterStateSQL reads the counters named by the parallel arrays (account,
 // metric, parent, kind). Each row has the counter's position in the arrays,
 // its usage in the current period or in total, the amount that unexpired
-// pending reservations hold, and the plan's limit. A missing limit row reads
-// as a limit of 0, which denies, as in metering.counter_state.
+// pending reservations hold, and the plan's limit: -1 when unlimited, and 0
+// when the plan has no limit row, which denies as in metering.counter_state.
+// Each value is a subquery on an index, so the plan is the same whatever the
+// parameters and PostgreSQL can reuse it.
 const counterStateSQL = `
-SELECT w.ord, coalesce(c.used, 0),
-       least(coalesce(p.amount, 0), 9223372036854775807)::bigint,
-       coalesce(l.max_amount, 0), coalesce(l.unlimited, false)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
-     AS w (account_id, metric, parent_id, kind, ord)
-JOIN metering.accounts a ON a.id = w.account_id
-CROSS JOIN LATERAL (
-    SELECT CASE WHEN w.kind = 'period' THEN (metering.period_bounds(a.billing_anchor, $5)).period_start
+SELECT w.ord,
+       coalesce((SELECT c.used FROM metering.counters c
+                 WHERE c.account_id = w.account_id AND c.metric = w.metric AND c.parent_id = w.parent_id
+                   AND c.period_start = w.period_start), 0),
+       least(coalesce((SELECT sum(i.amount)
+                       FROM metering.reservations r,
+                            unnest(r.metrics, r.parent_ids, r.amounts) AS i (metric, parent_id, amount)
+                       WHERE r.account_id = w.account_id AND r.state = 'pending' AND r.expire_time > $5
+                         AND i.metric = w.metric AND (w.parent_id = '' OR i.parent_id = w.parent_id)), 0),
+             9223372036854775807)::bigint,
+       coalesce((SELECT CASE WHEN l.unlimited THEN -1 ELSE l.max_amount END
+                 FROM metering.plan_limits l
+                 WHERE l.plan_id = w.plan_id AND l.metric = w.metric
+                   AND l.scope = CASE WHEN w.parent_id = '' THEN 'account' ELSE 'parent' END), 0)
+FROM (
+    SELECT u.ord, u.account_id, u.metric, u.parent_id, a.plan_id,
+           CASE WHEN u.kind = 'period' THEN (metering.period_bounds(a.billing_anchor, $5)).period_start
                 ELSE '-infinity'::timestamptz END AS period_start
-) k
-LEFT JOIN metering.plan_limits l
-       ON l.plan_id = a.plan_id AND l.metric = w.metric
-      AND l.scope = CASE WHEN w.parent_id = '' THEN 'account' ELSE 'parent' END
-LEFT JOIN metering.counters c
-       ON c.account_id = w.account_id AND c.metric = w.metric AND c.parent_id = w.parent_id
-      AND c.period_start = k.period_start
-LEFT JOIN LATERAL (
-    SELECT sum(i.amount) AS amount
-    FROM metering.reservations r,
-         unnest(r.metrics, r.parent_ids, r.amounts) AS i (metric, parent_id, amount)
-    WHERE r.account_id = w.account_id AND r.state = 'pending' AND r.expire_time > $5
-      AND i.metric = w.metric AND (w.parent_id = '' OR i.parent_id = w.parent_id)
-) p ON true`
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+         AS u (account_id, metric, parent_id, kind, ord)
+    JOIN metering.accounts a ON a.id = u.account_id
+) w`
 
 // insertReservationsSQL stores granted reservations and their idempotency
 // keys. Reservation i has the items at positions lo[i]..hi[i] of the
@@ -277,7 +290,7 @@ func beginBatch(ctx context.Context, pool *pgxpool.Pool) (*batchTx, error) {
 // transaction did not commit.
 func (t *batchTx) send(ctx context.Context, b *pgx.Batch, commit bool) error {
 	if !t.open {
-		b.QueuedQueries = append([]*pgx.QueuedQuery{{SQL: "BEGIN"}}, b.QueuedQueries...)
+		b.QueuedQueries = append([]*pgx.QueuedQuery{{SQL: "BEGIN"}, {SQL: batchSettingsSQL}}, b.QueuedQueries...)
 		t.open = true
 	}
 	var committed bool
@@ -374,9 +387,10 @@ func (cs *counterStates) queue(b *pgx.Batch, now time.Time) {
 		for rows.Next() {
 			var ord int
 			var st counterState
-			if err := rows.Scan(&ord, &st.used, &st.reserved, &st.limit, &st.unlimited); err != nil {
+			if err := rows.Scan(&ord, &st.used, &st.reserved, &st.limit); err != nil {
 				return err
 			}
+			st.unlimited = st.limit < 0
 			cs.states[ord-1] = st
 		}
 		return rows.Err()
