@@ -78,7 +78,7 @@ type Config struct {
 	SetupConcurrency int `json:"setup_concurrency"`
 
 	// ServerLogLevel is the server's log level. The default, info, is the
-	// server's own default and logs every finished call, as in production.
+	// server's own default, as in production: it logs failed calls only.
 	ServerLogLevel string `json:"server_log_level"`
 
 	// PoolMaxConns, when above zero, sets the server's pool_max_conns. Zero
@@ -134,7 +134,7 @@ func configFromFlags(args []string, output io.Writer) (Config, error) {
 	fs.StringVar(&cfg.JSONPath, "json", "", "also write the results as JSON to this file")
 	fs.DurationVar(&cfg.RPCTimeout, "rpc-timeout", cfg.RPCTimeout, "deadline of each RPC")
 	fs.IntVar(&cfg.SetupConcurrency, "setup-concurrency", cfg.SetupConcurrency, "concurrent SetAccountPlan calls while creating the accounts")
-	fs.StringVar(&cfg.ServerLogLevel, "server-log-level", cfg.ServerLogLevel, "log level of the server: debug, info, warn or error (info logs every finished call)")
+	fs.StringVar(&cfg.ServerLogLevel, "server-log-level", cfg.ServerLogLevel, "log level of the server: debug, info, warn or error (info logs failed calls, debug every call)")
 	fs.IntVar(&cfg.PoolMaxConns, "pool-max-conns", 0, "PostgreSQL connections of the server's pool; 0 keeps the pgxpool default, max(4, CPUs)")
 	fs.BoolVar(&cfg.IdempotencyKeys, "idempotency-keys", cfg.IdempotencyKeys, "send a unique idempotency key with each CheckAndReserve and RecordUsage")
 	fs.BoolVar(&cfg.KeepDatabase, "keep-database", false, "keep the benchmark database at the end instead of dropping it")

@@ -50,6 +50,7 @@ func newGRPCServer(logger *slog.Logger, metrics *grpcprom.ServerMetrics, opts op
 		// Only the start and finish events, because the payload events
 		// would log request messages, which carry tokens.
 		logging.WithLogOnEvents(logging.StartCall, logging.FinishCall),
+		logging.WithLevels(finishedCallLevel),
 	}
 	recoveryOptions := []recovery.Option{
 		recovery.WithRecoveryHandlerContext(recoverPanic(logger)),
@@ -76,11 +77,22 @@ func newGRPCServer(logger *slog.Logger, metrics *grpcprom.ServerMetrics, opts op
 	)
 }
 
+// finishedCallLevel is the level of a finished call: debug when it succeeded
+// and go-grpc-middleware's server default otherwise (info for errors the
+// caller can fix, warn for unavailable or exhausted, error for internal).
+// Successful calls are counted per method and code in the RPC metrics, so a
+// line for each of them would repeat the metrics at a cost on every call.
+func finishedCallLevel(code codes.Code) logging.Level {
+	if code == codes.OK {
+		return logging.LevelDebug
+	}
+	return logging.DefaultServerCodeToLevel(code)
+}
+
 // interceptorLogger adapts logger to the logging interceptor. It logs the
 // start of a call at debug, and every record of the gRPC health service at
 // debug unless its level is above info, so that load balancer probes do not
-// fill the log. Finished calls keep the level the interceptor picks from the
-// status code: info for OK and client errors, warn or error otherwise.
+// fill the log. Finished calls keep the level of finishedCallLevel.
 func interceptorLogger(logger *slog.Logger) logging.Logger {
 	return logging.LoggerFunc(func(ctx context.Context, level logging.Level, msg string, fields ...any) {
 		slogLevel := slog.Level(level)

@@ -78,6 +78,8 @@ func TestRunLogsCallsWithoutSecrets(t *testing.T) {
 	_, err := health.Check(ctx, &healthpb.HealthCheckRequest{Service: "payload-marker-7f3a"})
 	require.Equal(t, codes.NotFound, status.Code(err), "error: %v", err)
 	listServices(t, srv.conn)
+	_, err = meteringv1.NewMeteringServiceClient(srv.conn).GetCurrentUsage(t.Context(), &meteringv1.GetCurrentUsageRequest{AccountId: "acme"})
+	require.Equal(t, codes.Unauthenticated, status.Code(err), "error: %v", err)
 	require.NoError(t, srv.stop())
 
 	logs := srv.logs.String()
@@ -90,8 +92,13 @@ func TestRunLogsCallsWithoutSecrets(t *testing.T) {
 	require.NotNil(t, started)
 	require.NotNil(t, finished)
 	assert.Equal(t, "DEBUG", started["level"])
-	assert.Equal(t, "INFO", finished["level"])
+	assert.Equal(t, "DEBUG", finished["level"], "successful calls are logged at debug")
 	assert.Equal(t, "OK", finished["grpc.code"])
+
+	failed := srv.logs.find("finished call", meteringv1.MeteringService_ServiceDesc.ServiceName)
+	require.NotNil(t, failed)
+	assert.Equal(t, "INFO", failed["level"], "failed calls are logged at info or above")
+	assert.Equal(t, "Unauthenticated", failed["grpc.code"])
 
 	healthCall := srv.logs.find("finished call", healthpb.Health_ServiceDesc.ServiceName)
 	require.NotNil(t, healthCall)
