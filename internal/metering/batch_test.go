@@ -318,3 +318,36 @@ func TestBatchesHoldLimitsUnderConcurrency(t *testing.T) {
 	}
 	e.reconciled()
 }
+
+// TestBatchExpiresAtExpireTime checks the instant a reservation expires: at
+// its expire_time it holds no capacity, so a reserve may take it, and its
+// own commit must then find the limit reached instead of counting twice.
+func TestBatchExpiresAtExpireTime(t *testing.T) {
+	t.Parallel()
+	e := newBatchEnv(t)
+	e.account("a", Enforce)
+
+	first, err := e.svc.reserveBatch(t.Context(), []reserveCall{reserveOf("a", Tasks, 3, "")})
+	require.NoError(t, err)
+	require.Equal(t, "granted", first[0].Outcome)
+
+	e.advance(time.Minute - time.Microsecond)
+	before, err := e.svc.reserveBatch(t.Context(), []reserveCall{reserveOf("a", Tasks, 1, "")})
+	require.NoError(t, err)
+	assert.Equal(t, "rejected", before[0].Outcome, "a microsecond before expire_time the reservation holds the limit")
+
+	e.advance(time.Microsecond)
+	second, err := e.svc.reserveBatch(t.Context(), []reserveCall{reserveOf("a", Tasks, 3, "")})
+	require.NoError(t, err)
+	require.Equal(t, "granted", second[0].Outcome, "at expire_time the capacity is free")
+
+	commits, err := e.svc.commitBatch(t.Context(), []commitCall{
+		{AccountID: "a", ReservationID: first[0].Reservation.ID, Actor: "test"},
+		{AccountID: "a", ReservationID: second[0].Reservation.ID, Actor: "test"},
+	})
+	require.NoError(t, err)
+	assert.Equal(t, "expired", commits[0].Outcome)
+	assert.Equal(t, "committed", commits[1].Outcome)
+	assert.EqualValues(t, 3, e.used("a", Tasks, ""))
+	e.reconciled()
+}
