@@ -287,7 +287,10 @@ func beginBatch(ctx context.Context, pool *pgxpool.Pool) (*batchTx, error) {
 
 // send runs the queued statements as one pipeline. The first call prepends
 // BEGIN; with commit, COMMIT follows them, and send fails when the
-// transaction did not commit.
+// transaction did not commit. A last pipeline with no statements, such as
+// a batch of rejections, ends with ROLLBACK instead: the transaction only
+// read and locked rows, and a rollback does not wait for the WAL flush
+// that the commit of its row locks would.
 func (t *batchTx) send(ctx context.Context, b *pgx.Batch, commit bool) error {
 	if !t.open {
 		b.QueuedQueries = append([]*pgx.QueuedQuery{{SQL: "BEGIN"}, {SQL: batchSettingsSQL}}, b.QueuedQueries...)
@@ -295,8 +298,12 @@ func (t *batchTx) send(ctx context.Context, b *pgx.Batch, commit bool) error {
 	}
 	var committed bool
 	if commit {
-		b.Queue("COMMIT").Exec(func(tag pgconn.CommandTag) error {
-			committed = tag.String() == "COMMIT"
+		end := "COMMIT"
+		if b.Len() == 0 {
+			end = "ROLLBACK"
+		}
+		b.Queue(end).Exec(func(tag pgconn.CommandTag) error {
+			committed = tag.String() == end
 			return nil
 		})
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -350,4 +351,35 @@ func TestBatchExpiresAtExpireTime(t *testing.T) {
 	assert.Equal(t, "committed", commits[1].Outcome)
 	assert.EqualValues(t, 3, e.used("a", Tasks, ""))
 	e.reconciled()
+}
+
+// TestBatchOfRejectionsRollsBack checks that a batch transaction whose last
+// pipeline has nothing to write ends with ROLLBACK, so that it does not wait
+// for a WAL flush, and that one with writes commits.
+func TestBatchOfRejectionsRollsBack(t *testing.T) {
+	t.Parallel()
+	e := newBatchEnv(t)
+	ctx := t.Context()
+
+	status := func(last *pgx.Batch) string {
+		t.Helper()
+		tx, err := beginBatch(ctx, e.pool)
+		require.NoError(t, err)
+		defer tx.release()
+
+		var xid string
+		first := &pgx.Batch{}
+		first.Queue(`SELECT pg_current_xact_id()::text`).QueryRow(func(row pgx.Row) error { return row.Scan(&xid) })
+		require.NoError(t, tx.send(ctx, first, false))
+		require.NoError(t, tx.send(ctx, last, true))
+
+		var got string
+		require.NoError(t, e.pool.QueryRow(ctx, `SELECT pg_xact_status($1::xid8)`, xid).Scan(&got))
+		return got
+	}
+
+	assert.Equal(t, "aborted", status(&pgx.Batch{}))
+	writes := &pgx.Batch{}
+	writes.Queue(`UPDATE metering.plans SET display_name = 'Tiny plan' WHERE id = 'tiny'`)
+	assert.Equal(t, "committed", status(writes))
 }
