@@ -541,7 +541,8 @@ func (r *reservationRows) add(c reserveCall, now time.Time) (*reservationJSON, e
 	if err != nil {
 		return nil, fmt.Errorf("generate a reservation id: %w", err)
 	}
-	expire := now.Add(c.TTL)
+	// PostgreSQL stores microseconds, and the response must match the row.
+	expire := now.Add(c.TTL.Truncate(time.Microsecond))
 	r.ids = append(r.ids, id.String())
 	r.accounts = append(r.accounts, c.AccountID)
 	r.resources = append(r.resources, c.ResourceID)

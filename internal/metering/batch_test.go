@@ -383,3 +383,32 @@ func TestBatchOfRejectionsRollsBack(t *testing.T) {
 	writes.Queue(`UPDATE metering.plans SET display_name = 'Tiny plan' WHERE id = 'tiny'`)
 	assert.Equal(t, "committed", status(writes))
 }
+
+// TestReserveBatchStoresReturnedExpiry reserves with a TTL that is not a
+// whole number of microseconds, which the API accepts. The expire_time that
+// the batch returns must be the one it stores, as metering.reserve returns
+// it, so that a retry with the same idempotency key returns the same value.
+func TestReserveBatchStoresReturnedExpiry(t *testing.T) {
+	t.Parallel()
+	e := newBatchEnv(t)
+	ctx := t.Context()
+	e.account("a", Enforce)
+
+	call := reserveOf("a", Tasks, 1, "k")
+	call.TTL = time.Minute + 500*time.Nanosecond
+	granted, err := e.svc.reserveBatch(ctx, []reserveCall{call})
+	require.NoError(t, err)
+	require.Equal(t, "granted", granted[0].Outcome)
+
+	var stored time.Time
+	err = e.pool.QueryRow(ctx, `SELECT expire_time FROM metering.reservations WHERE id = $1`,
+		granted[0].Reservation.ID).Scan(&stored)
+	require.NoError(t, err)
+	assert.Equal(t, stored.UTC(), granted[0].Reservation.ExpireTime.UTC(), "returned expire_time differs from the stored one")
+
+	replayed, err := e.svc.reserveBatch(ctx, []reserveCall{call})
+	require.NoError(t, err)
+	require.Equal(t, "replayed", replayed[0].Outcome)
+	assert.Equal(t, replayed[0].Reservation.ExpireTime.UTC(), granted[0].Reservation.ExpireTime.UTC(),
+		"a replay returns another expire_time than the first response")
+}
