@@ -663,7 +663,10 @@ func (s *Service) commitBatch(ctx context.Context, calls []commitCall) ([]result
 
 	second := &pgx.Batch{}
 	if len(rows.ids) > 0 {
-		sums := rows.counterSums()
+		sums, err := rows.counterSums()
+		if err != nil {
+			return nil, err
+		}
 		second.Queue(commitReservationsSQL, rows.ids, rows.resources, rows.actual, now, rows.lo, rows.hi,
 			sums.accounts, sums.metrics, sums.parents, sums.periods, sums.amounts,
 			rows.events.accounts, rows.events.metrics, rows.events.parents, rows.events.periods,
@@ -775,10 +778,16 @@ func (r *commitRows) add(c commitCall, res *lockedReservation, acct account, cou
 	}
 }
 
+// errSumOverflow fails a batch of commits whose amounts for one counter
+// add up past the int64 range. The coalescer then runs each commit on its
+// own, and the one that would overflow the counter fails as in
+// metering.commit.
+var errSumOverflow = fmt.Errorf("%w: the commits of the batch add up past the int64 range", ErrOverflow)
+
 // counterSums sums the changes per counter, sorted by account, metric,
 // parent and period, so that each counter row is written once and
 // concurrent writers lock rows in the same order.
-func (r *commitRows) counterSums() counterChanges {
+func (r *commitRows) counterSums() (counterChanges, error) {
 	type key struct {
 		account, metric, parent string
 		period                  int64
@@ -791,7 +800,10 @@ func (r *commitRows) counterSums() counterChanges {
 	for i := range e.amounts {
 		k := key{e.accounts[i], e.metrics[i], e.parents[i], e.periods[i].Time.UnixMicro(), e.periods[i].InfinityModifier != 0}
 		if j, ok := sums[k]; ok {
-			out.amounts[j] = addClamped(out.amounts[j], e.amounts[i])
+			if e.amounts[i] > math.MaxInt64-out.amounts[j] {
+				return counterChanges{}, errSumOverflow
+			}
+			out.amounts[j] += e.amounts[i]
 			continue
 		}
 		sums[k] = len(out.amounts)
@@ -822,5 +834,5 @@ func (r *commitRows) counterSums() counterChanges {
 		sorted.periods = append(sorted.periods, out.periods[i])
 		sorted.amounts = append(sorted.amounts, out.amounts[i])
 	}
-	return sorted
+	return sorted, nil
 }

@@ -2,12 +2,14 @@ package metering
 
 import (
 	"context"
+	"math"
 	"math/rand/v2"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -411,4 +413,78 @@ func TestReserveBatchStoresReturnedExpiry(t *testing.T) {
 	require.Equal(t, "replayed", replayed[0].Outcome)
 	assert.Equal(t, replayed[0].Reservation.ExpireTime.UTC(), granted[0].Reservation.ExpireTime.UTC(),
 		"a replay returns another expire_time than the first response")
+}
+
+// ledgerOf returns the sum of an account's counters of metric and the sum of
+// their ledger rows. Both are text, so a sum past the largest bigint reads
+// back instead of failing the cast.
+func (e *batchEnv) ledgerOf(acct string, metric Metric) (counter, ledger string) {
+	e.t.Helper()
+	err := e.pool.QueryRow(e.t.Context(), `
+		SELECT coalesce((SELECT sum(used) FROM metering.counters
+		                 WHERE account_id = $1 AND metric = $2), 0)::text,
+		       coalesce((SELECT sum(amount) FROM metering.usage_events
+		                 WHERE account_id = $1 AND metric = $2), 0)::text`,
+		acct, string(metric)).Scan(&counter, &ledger)
+	require.NoError(e.t, err)
+	return counter, ledger
+}
+
+// TestCommitBatchOverflowKeepsLedger commits, in one batch, two reservations
+// whose sum passes the largest bigint. The second reserve ran after the first
+// had expired, and the commit batch on a replica whose clock is behind.
+// metering.commit commits the first and fails the second with 22003, and
+// the batch must keep the counter equal to its ledger as well.
+func TestCommitBatchOverflowKeepsLedger(t *testing.T) {
+	t.Parallel()
+	e := newBatchEnv(t)
+	ctx := t.Context()
+	_, _, err := e.svc.SetAccountPlan(ctx, SetAccountRequest{AccountID: "e", PlanID: "enterprise"})
+	require.NoError(t, err)
+
+	first := reserveOf("e", Tasks, math.MaxInt64, "")
+	first.TTL = time.Second
+	reserved, err := e.svc.reserveBatch(ctx, []reserveCall{first})
+	require.NoError(t, err)
+	require.Equal(t, "granted", reserved[0].Outcome)
+	firstID := reserved[0].Reservation.ID
+
+	e.advance(time.Second)
+	reserved, err = e.svc.reserveBatch(ctx, []reserveCall{reserveOf("e", Tasks, math.MaxInt64, "")})
+	require.NoError(t, err)
+	require.Equal(t, "granted", reserved[0].Outcome, "the first reservation expired, so its capacity is free")
+	secondID := reserved[0].Reservation.ID
+
+	e.advance(-500 * time.Millisecond)
+
+	// The reference: metering.commit, one call after the other, in a
+	// transaction rolled back afterwards.
+	tx, err := e.pool.Begin(ctx)
+	require.NoError(t, err)
+	var ref result
+	require.NoError(t, tx.QueryRow(ctx, commitSQL, "e", firstID, []string{}, []string{}, []int64{}, "", "test", e.clock()).Scan(&ref))
+	require.Equal(t, "committed", ref.Outcome)
+	var pgErr *pgconn.PgError
+	err = tx.QueryRow(ctx, commitSQL, "e", secondID, []string{}, []string{}, []int64{}, "", "test", e.clock()).Scan(&ref)
+	require.ErrorAs(t, err, &pgErr)
+	require.Equal(t, "22003", pgErr.Code, "metering.commit fails the second commit: the counter would overflow")
+	require.NoError(t, tx.Rollback(ctx))
+
+	commitFirst := commitCall{AccountID: "e", ReservationID: firstID, Actor: "test"}
+	commitSecond := commitCall{AccountID: "e", ReservationID: secondID, Actor: "test"}
+	_, err = e.svc.commitBatch(ctx, []commitCall{commitFirst, commitSecond})
+	require.ErrorIs(t, err, errSumOverflow, "the batch fails, so the coalescer runs each commit on its own")
+	counter, ledger := e.ledgerOf("e", Tasks)
+	assert.Equal(t, "0", counter, "the failed batch wrote nothing")
+	assert.Equal(t, "0", ledger)
+
+	// On their own, the commits end as metering.commit ends them.
+	results, err := e.svc.commitBatch(ctx, []commitCall{commitFirst})
+	require.NoError(t, err)
+	assert.Equal(t, "committed", results[0].Outcome)
+	_, err = e.svc.commitBatch(ctx, []commitCall{commitSecond})
+	assert.ErrorIs(t, err, ErrOverflow)
+
+	counter, ledger = e.ledgerOf("e", Tasks)
+	assert.Equal(t, ledger, counter, "the tasks counter equals the sum of its ledger rows")
 }
