@@ -288,9 +288,8 @@ func beginBatch(ctx context.Context, pool *pgxpool.Pool) (*batchTx, error) {
 // send runs the queued statements as one pipeline. The first call prepends
 // BEGIN; with commit, COMMIT follows them, and send fails when the
 // transaction did not commit. A last pipeline with no statements, such as
-// a batch of rejections, ends with ROLLBACK instead: the transaction only
-// read and locked rows, and a rollback does not wait for the WAL flush
-// that the commit of its row locks would.
+// a batch of rejections, ends with ROLLBACK instead. Such a transaction only
+// read and locked rows, and a rollback does not wait for a WAL flush.
 func (t *batchTx) send(ctx context.Context, b *pgx.Batch, commit bool) error {
 	if !t.open {
 		b.QueuedQueries = append([]*pgx.QueuedQuery{{SQL: "BEGIN"}, {SQL: batchSettingsSQL}}, b.QueuedQueries...)
@@ -610,6 +609,13 @@ func (s *Service) commitBatch(ctx context.Context, calls []commitCall) ([]result
 	if err := tx.send(ctx, first, false); err != nil {
 		return nil, translate(err)
 	}
+	// Expiry is decided by the clock after the locks: a reserve that held
+	// them first may have counted a reservation's capacity as free at a
+	// later time than now, and the reservation must then be expired here too.
+	decided := s.now().Truncate(time.Microsecond)
+	if decided.Before(now) {
+		decided = now
+	}
 
 	results := make([]result, len(calls))
 	var rows commitRows
@@ -635,7 +641,7 @@ func (s *Service) commitBatch(ctx context.Context, calls []commitCall) ([]result
 			results[i] = result{Outcome: "reservation_not_found"}
 			continue
 		}
-		actual, ok := fastActual(c, res, now)
+		actual, ok := fastActual(c, res, decided)
 		if !ok {
 			slow = append(slow, i)
 			continue
@@ -677,7 +683,7 @@ func (s *Service) commitBatch(ctx context.Context, calls []commitCall) ([]result
 	for _, i := range slow {
 		c := calls[i]
 		second.Queue(commitSQL, c.AccountID, c.ReservationID, c.Metrics, c.ParentIDs, c.Amounts,
-			c.ResourceID, c.Actor, now,
+			c.ResourceID, c.Actor, decided,
 		).QueryRow(func(row pgx.Row) error { return row.Scan(&results[i]) })
 	}
 	if err := tx.send(ctx, second, true); err != nil {

@@ -27,6 +27,9 @@ type batchEnv struct {
 	svc  *Service
 	mu   sync.Mutex
 	now  time.Time
+	// next, when not empty, lists the times that the next clock reads
+	// return, before the clock returns now again.
+	next []time.Time
 }
 
 func newBatchEnv(t *testing.T) *batchEnv {
@@ -57,6 +60,11 @@ func newBatchEnv(t *testing.T) *batchEnv {
 func (e *batchEnv) clock() time.Time {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if len(e.next) > 0 {
+		t := e.next[0]
+		e.next = e.next[1:]
+		return t
+	}
 	return e.now
 }
 
@@ -355,6 +363,36 @@ func TestBatchExpiresAtExpireTime(t *testing.T) {
 	e.reconciled()
 }
 
+// TestCommitBatchExpiresByClockAfterLocks runs a commit batch whose clock
+// reads a microsecond before the reservation's expiry, and then, after the
+// locks, the expiry itself. A reserve that held the locks in between took
+// the capacity at the expiry, so the commit must find it expired.
+func TestCommitBatchExpiresByClockAfterLocks(t *testing.T) {
+	t.Parallel()
+	e := newBatchEnv(t)
+	e.account("a", Enforce)
+	ctx := t.Context()
+
+	first, err := e.svc.reserveBatch(ctx, []reserveCall{reserveOf("a", Tasks, 3, "")})
+	require.NoError(t, err)
+	require.Equal(t, "granted", first[0].Outcome)
+	expiry := first[0].Reservation.ExpireTime
+
+	e.advance(time.Minute)
+	second, err := e.svc.reserveBatch(ctx, []reserveCall{reserveOf("a", Tasks, 3, "")})
+	require.NoError(t, err)
+	require.Equal(t, "granted", second[0].Outcome)
+
+	e.mu.Lock()
+	e.next = []time.Time{expiry.Add(-time.Microsecond), expiry}
+	e.mu.Unlock()
+	commits, err := e.svc.commitBatch(ctx, []commitCall{{AccountID: "a", ReservationID: first[0].Reservation.ID, Actor: "test"}})
+	require.NoError(t, err)
+	assert.Equal(t, "expired", commits[0].Outcome)
+	assert.Zero(t, e.used("a", Tasks, ""))
+	e.reconciled()
+}
+
 // TestBatchOfRejectionsRollsBack checks that a batch transaction whose last
 // pipeline has nothing to write ends with ROLLBACK, so that it does not wait
 // for a WAL flush, and that one with writes commits.
@@ -384,35 +422,6 @@ func TestBatchOfRejectionsRollsBack(t *testing.T) {
 	writes := &pgx.Batch{}
 	writes.Queue(`UPDATE metering.plans SET display_name = 'Tiny plan' WHERE id = 'tiny'`)
 	assert.Equal(t, "committed", status(writes))
-}
-
-// TestReserveBatchStoresReturnedExpiry reserves with a TTL that is not a
-// whole number of microseconds, which the API accepts. The expire_time that
-// the batch returns must be the one it stores, as metering.reserve returns
-// it, so that a retry with the same idempotency key returns the same value.
-func TestReserveBatchStoresReturnedExpiry(t *testing.T) {
-	t.Parallel()
-	e := newBatchEnv(t)
-	ctx := t.Context()
-	e.account("a", Enforce)
-
-	call := reserveOf("a", Tasks, 1, "k")
-	call.TTL = time.Minute + 500*time.Nanosecond
-	granted, err := e.svc.reserveBatch(ctx, []reserveCall{call})
-	require.NoError(t, err)
-	require.Equal(t, "granted", granted[0].Outcome)
-
-	var stored time.Time
-	err = e.pool.QueryRow(ctx, `SELECT expire_time FROM metering.reservations WHERE id = $1`,
-		granted[0].Reservation.ID).Scan(&stored)
-	require.NoError(t, err)
-	assert.Equal(t, stored.UTC(), granted[0].Reservation.ExpireTime.UTC(), "returned expire_time differs from the stored one")
-
-	replayed, err := e.svc.reserveBatch(ctx, []reserveCall{call})
-	require.NoError(t, err)
-	require.Equal(t, "replayed", replayed[0].Outcome)
-	assert.Equal(t, replayed[0].Reservation.ExpireTime.UTC(), granted[0].Reservation.ExpireTime.UTC(),
-		"a replay returns another expire_time than the first response")
 }
 
 // ledgerOf returns the sum of an account's counters of metric and the sum of
@@ -487,4 +496,33 @@ func TestCommitBatchOverflowKeepsLedger(t *testing.T) {
 
 	counter, ledger = e.ledgerOf("e", Tasks)
 	assert.Equal(t, ledger, counter, "the tasks counter equals the sum of its ledger rows")
+}
+
+// TestReserveBatchStoresReturnedExpiry reserves with a TTL that is not a
+// whole number of microseconds, which the API accepts. The expire_time that
+// the batch returns must be the one it stores, as metering.reserve returns
+// it, so that a retry with the same idempotency key returns the same value.
+func TestReserveBatchStoresReturnedExpiry(t *testing.T) {
+	t.Parallel()
+	e := newBatchEnv(t)
+	ctx := t.Context()
+	e.account("a", Enforce)
+
+	call := reserveOf("a", Tasks, 1, "k")
+	call.TTL = time.Minute + 500*time.Nanosecond
+	granted, err := e.svc.reserveBatch(ctx, []reserveCall{call})
+	require.NoError(t, err)
+	require.Equal(t, "granted", granted[0].Outcome)
+
+	var stored time.Time
+	err = e.pool.QueryRow(ctx, `SELECT expire_time FROM metering.reservations WHERE id = $1`,
+		granted[0].Reservation.ID).Scan(&stored)
+	require.NoError(t, err)
+	assert.Equal(t, stored.UTC(), granted[0].Reservation.ExpireTime.UTC(), "returned expire_time differs from the stored one")
+
+	replayed, err := e.svc.reserveBatch(ctx, []reserveCall{call})
+	require.NoError(t, err)
+	require.Equal(t, "replayed", replayed[0].Outcome)
+	assert.Equal(t, replayed[0].Reservation.ExpireTime.UTC(), granted[0].Reservation.ExpireTime.UTC(),
+		"a replay returns another expire_time than the first response")
 }
