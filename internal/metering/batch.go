@@ -678,7 +678,9 @@ func (s *Service) commitBatch(ctx context.Context, calls []commitCall) ([]result
 			rows.events.accounts, rows.events.metrics, rows.events.parents, rows.events.periods,
 			rows.events.amounts, rows.events.resources, rows.events.reservations, rows.events.actors)
 	}
-	// The usage after the commits, as the per-call function reports it.
+	// NOTE: every fast commit reports the usage after all of the batch's
+	// fast commits, so it may include the calls after it in the batch.
+	// metering.commit, run call by call, would report each step.
 	states.queue(second, now)
 	for _, i := range slow {
 		c := calls[i]
