@@ -43,9 +43,9 @@ SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
        set_config('enable_hashjoin', 'off', true),
        set_config('enable_mergejoin', 'off', true)`
 
-// lockAccountsSQL locks the accounts of a batch in id order, so two batches
-// never wait on each other in a cycle, and returns each one's current
-// billing period.
+// lockAccountsSQL locks the accounts of a batch in id order and returns each
+// one's current billing period. Every batch locks shared accounts in the
+// same order, so two batches cannot deadlock on them.
 const lockAccountsSQL = `
 SELECT a.id, a.plan_id, a.enforcement, p.period_start, p.period_end
 FROM metering.accounts a
@@ -63,8 +63,9 @@ JOIN metering.idempotency_keys k ON k.account_id = u.account_id AND k.key = u.ke
 // counterStateSQL reads the counters named by the parallel arrays (account,
 // metric, parent, kind). Each row has the counter's position in the arrays,
 // its usage in the current period or in total, the amount that unexpired
-// pending reservations hold, and the plan's limit: -1 when unlimited, and 0
-// when the plan has no limit row, which denies as in metering.counter_state.
+// pending reservations hold, and the plan's limit. The limit is -1 when
+// unlimited, and 0 when the plan has no limit row, which denies as in
+// metering.counter_state.
 // Each value is a subquery on an index, so the plan is the same whatever the
 // parameters and PostgreSQL can reuse it.
 const counterStateSQL = `
@@ -535,6 +536,8 @@ type reservationRows struct {
 	amounts                                []int64
 }
 
+// add appends a granted reserve to the rows and returns the reservation
+// that its response carries.
 func (r *reservationRows) add(c reserveCall, now time.Time) (*reservationJSON, error) {
 	id, err := uuid.NewRandom()
 	if err != nil {
@@ -542,6 +545,7 @@ func (r *reservationRows) add(c reserveCall, now time.Time) (*reservationJSON, e
 	}
 	// PostgreSQL stores microseconds, and the response must match the row.
 	expire := now.Add(c.TTL.Truncate(time.Microsecond))
+
 	r.ids = append(r.ids, id.String())
 	r.accounts = append(r.accounts, c.AccountID)
 	r.resources = append(r.resources, c.ResourceID)
@@ -554,6 +558,7 @@ func (r *reservationRows) add(c reserveCall, now time.Time) (*reservationJSON, e
 	r.parents = append(r.parents, c.ParentIDs...)
 	r.amounts = append(r.amounts, c.Amounts...)
 	r.hi = append(r.hi, int32(len(r.metrics)))
+
 	return &reservationJSON{
 		ID:             id.String(),
 		AccountID:      c.AccountID,
@@ -609,9 +614,8 @@ func (s *Service) commitBatch(ctx context.Context, calls []commitCall) ([]result
 	if err := tx.send(ctx, first, false); err != nil {
 		return nil, translate(err)
 	}
-	// Expiry is decided by the clock after the locks: a reserve that held
-	// them first may have counted a reservation's capacity as free at a
-	// later time than now, and the reservation must then be expired here too.
+	// Expiry is decided by a clock read after the locks. A reserve that held
+	// them first may have freed an expiring reservation's capacity meanwhile.
 	decided := s.now().Truncate(time.Microsecond)
 	if decided.Before(now) {
 		decided = now

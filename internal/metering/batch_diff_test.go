@@ -320,7 +320,10 @@ func runDiffer(t *testing.T, seed uint64, steps int) {
 		case n < 95:
 			acct := d.pick([]string{"a", "t", "b"})
 			m := d.pick([]string{"tasks", "messages", "agents"})
-			_, _ = e.svc.AdjustUsage(ctx, AdjustRequest{AccountID: acct, Metric: Metric(m), Delta: int64(d.rng.IntN(5) - 2), Reason: "test", Actor: "test"})
+			delta := int64(d.rng.IntN(5) - 2)
+			_, _ = e.svc.AdjustUsage(ctx, AdjustRequest{
+				AccountID: acct, Metric: Metric(m), Delta: delta, Reason: "test", Actor: "test",
+			})
 			d.log = append(d.log, fmt.Sprintf("step %d adjust %s %s", step, acct, m))
 		case n < 97:
 			acct := d.pick([]string{"a", "t", "b"})

@@ -18,9 +18,9 @@ import (
 )
 
 // batchEnv is a Service on its own database with a settable clock, and a
-// plan "tiny" whose limits are small enough to reach in one batch: tasks 3,
-// messages 5, agents 2, documents 10 per account and 2 per parent, storage
-// 100 bytes.
+// plan "tiny" whose limits are small enough to reach in one batch. They are
+// tasks 3, messages 5, agents 2, documents 10 per account and 2 per parent,
+// and storage 100 bytes.
 type batchEnv struct {
 	t    *testing.T
 	pool *pgxpool.Pool
@@ -117,7 +117,7 @@ func counterOf(t *testing.T, r result, metric Metric) Counter {
 }
 
 // TestReserveBatchDecidesInOrder runs one batch whose calls depend on each
-// other: each sees the capacity that the calls before it took.
+// other: each is checked against the capacity left by the calls before it.
 func TestReserveBatchDecidesInOrder(t *testing.T) {
 	t.Parallel()
 	e := newBatchEnv(t)
